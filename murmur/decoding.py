@@ -1,0 +1,183 @@
+"""Decoding rules: options, logit filters and token selection, batched over rows.
+
+As in openai-whisper, logit filters are separate from the token selectors. Unlike it, every filter
+is vectorised over the batch: per-row state lives in tensors, so a step has no Python loop over rows.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from .tokenizer import Tokenizer
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    language: str | None = None  # None: English for .en models, detected for multilingual ones
+    task: str = "transcribe"
+    temperature: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    beam_size: int = 1  # 1 = greedy
+    best_of: int = 5  # candidates when sampling at temperature > 0
+    patience: float = 1.0
+    length_penalty: float | None = None
+    sample_len: int | None = None  # default: half the text context
+    suppress_tokens: str | tuple[int, ...] = "-1"  # "-1": the model's non-speech symbols
+    suppress_blank: bool = True
+    without_timestamps: bool = False
+    max_initial_timestamp: float = 1.0
+    compression_ratio_threshold: float | None = 2.4
+    logprob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
+    condition_on_previous_text: bool = True
+    prompt_reset_on_temperature: float = 0.5
+    initial_prompt: str | None = None
+
+    def with_(self, **kw) -> "DecodingOptions":
+        return replace(self, **kw)
+
+
+def compression_ratio(text: str) -> float:
+    b = text.encode("utf-8")
+    return len(b) / len(zlib.compress(b)) if b else 0.0
+
+
+@dataclass
+class RowState:
+    """What the filters need to know of each row's sampled tokens (excluding the prompt)."""
+    n_sampled: Tensor  # [N] long
+    last: Tensor  # [N] long, -1 if none
+    penult: Tensor  # [N] long, -1 if none
+    last_stamp: Tensor  # [N] long, last timestamp token, -1 if none
+
+    @classmethod
+    def zeros(cls, n: int, device) -> "RowState":
+        z = torch.zeros(n, dtype=torch.long, device=device)
+        return cls(z.clone(), z - 1, z - 1, z - 1)
+
+    def reset(self, rows) -> None:
+        self.n_sampled[rows] = 0
+        self.last[rows] = -1
+        self.penult[rows] = -1
+        self.last_stamp[rows] = -1
+
+    def copy(self, src, dst) -> None:
+        for t in (self.n_sampled, self.last, self.penult, self.last_stamp):
+            t[dst] = t[src]
+
+    def push(self, rows: slice | Tensor, tokens: Tensor, timestamp_begin: int) -> None:
+        self.penult[rows] = self.last[rows]
+        self.last[rows] = tokens
+        self.n_sampled[rows] += 1
+        is_ts = tokens >= timestamp_begin
+        self.last_stamp[rows] = torch.where(is_ts, tokens, self.last_stamp[rows])
+
+
+class LogitRules:
+    """Suppress tokens and blanks, and Whisper's timestamp grammar, applied to [R, V] logits."""
+
+    def __init__(self, tokenizer: Tokenizer, n_vocab: int, options: DecodingOptions,
+                 suppress: list[int], suppress_begin: list[int], device):
+        self.tok = tokenizer
+        self.timestamps = not options.without_timestamps
+        ids = set(suppress) if options.suppress_tokens == "-1" else set(
+            int(t) for t in options.suppress_tokens)
+        ids |= {tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev,
+                tokenizer.sot_lm, tokenizer.no_speech}
+        ids.discard(-1)
+        self.suppress = torch.zeros(n_vocab, dtype=torch.bool, device=device)
+        self.suppress[sorted(i for i in ids if 0 <= i < n_vocab)] = True
+        if self.timestamps:
+            self.suppress[tokenizer.no_timestamps] = True
+        self.suppress_begin = torch.zeros(n_vocab, dtype=torch.bool, device=device)
+        if options.suppress_blank:
+            self.suppress_begin[sorted(set(suppress_begin) | {220, tokenizer.eot})] = True
+        self.max_initial = (round(options.max_initial_timestamp / 0.02)
+                            if options.max_initial_timestamp is not None else None)
+        self.cols = torch.arange(n_vocab, device=device)
+
+    def __call__(self, logits: Tensor, st: RowState) -> Tensor:
+        tsb, eot = self.tok.timestamp_begin, self.tok.eot
+        cols = self.cols[None, :]
+        first = (st.n_sampled == 0)[:, None]
+        mask = self.suppress[None, :] | (first & self.suppress_begin[None, :])
+        if self.timestamps:
+            is_ts_col = cols >= tsb
+            last_ts = (st.last >= tsb)[:, None]
+            pen_ts = ((st.n_sampled < 2) | (st.penult >= tsb))[:, None]
+            mask = mask | (last_ts & pen_ts & is_ts_col)  # a pair of stamps closes a segment: text next
+            mask = mask | (last_ts & ~pen_ts & (cols < eot))  # a lone stamp: another stamp or eot next
+            # stamps never go back, and a segment has nonzero length
+            floor = torch.where((last_ts & ~pen_ts).squeeze(1), st.last_stamp, st.last_stamp + 1)
+            has = (st.last_stamp >= 0)[:, None]
+            mask = mask | (has & is_ts_col & (cols < floor[:, None]))
+            mask = mask | (first & (cols < tsb))  # a window opens with a stamp
+            if self.max_initial is not None:
+                mask = mask | (first & (cols > tsb + self.max_initial))
+        logits = logits.masked_fill(mask, NEG_INF)
+        if self.timestamps:
+            logprobs = torch.log_softmax(logits, dim=-1)
+            ts_mass = logprobs[:, tsb:].logsumexp(dim=-1)
+            text_max = logprobs[:, :tsb].max(dim=-1).values
+            force = (ts_mass > text_max)[:, None] & (cols < tsb)
+            logits = logits.masked_fill(force, NEG_INF)
+        return logits
+
+
+@dataclass
+class BeamGroup:
+    """Beam search over one request's rows (openai-whisper's BeamSearchDecoder, per request)."""
+    beam_size: int
+    patience: float
+    eot: int
+    sequences: list[list[int]] = field(default_factory=list)  # per live beam
+    sum_logprobs: list[float] = field(default_factory=list)
+    finished: dict[tuple[int, ...], float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.sequences = [[] for _ in range(self.beam_size)]
+        self.sum_logprobs = [0.0] * self.beam_size
+        self.max_candidates = round(self.beam_size * self.patience)
+
+    def step(self, logprobs: Tensor) -> tuple[list[int], list[int], bool]:
+        """logprobs [beam, V] -> (source beam per row, next token per row, done)."""
+        top_lp, top_tok = logprobs.topk(self.beam_size + 1, dim=-1)
+        top_lp, top_tok = top_lp.tolist(), top_tok.tolist()
+        scores: dict[tuple[int, ...], tuple[float, int, int]] = {}
+        for b in range(self.beam_size):
+            for lp, t in zip(top_lp[b], top_tok[b]):
+                seq = tuple(self.sequences[b] + [t])
+                s = self.sum_logprobs[b] + lp
+                if seq not in scores or scores[seq][0] < s:
+                    scores[seq] = (s, b, t)
+        src, nxt, seqs, sums = [], [], [], []
+        for seq, (s, b, t) in sorted(scores.items(), key=lambda kv: kv[1][0], reverse=True):
+            if t == self.eot:
+                if len(self.finished) < self.max_candidates and seq[:-1] not in self.finished:
+                    self.finished[seq[:-1]] = s
+            else:
+                seqs.append(list(seq)), sums.append(s), src.append(b), nxt.append(t)
+                if len(seqs) == self.beam_size:
+                    break
+        self.sequences, self.sum_logprobs = seqs, sums
+        done = len(self.finished) >= self.max_candidates or not seqs
+        return src, nxt, done
+
+    def close(self) -> dict[tuple[int, ...], float]:
+        if not self.finished:  # nothing ended: take the live beams
+            self.finished = {tuple(s): lp for s, lp in zip(self.sequences, self.sum_logprobs)}
+        return self.finished
+
+
+def rank(candidates: dict[tuple[int, ...], float], length_penalty: float | None) -> tuple[tuple[int, ...], float]:
+    """Pick the best sequence by length-normalised log-probability."""
+    def score(item):
+        seq, lp = item
+        n = len(seq)
+        pen = n if length_penalty is None else ((5 + n) / 6) ** length_penalty
+        return lp / max(pen, 1e-9)
+    return max(candidates.items(), key=score)

@@ -1,0 +1,244 @@
+"""Model runner with token-level continuous batching.
+
+A `Request` is one 30-s window to decode. The engine keeps up to `batch_size` decoder rows busy:
+each step decodes one token for every active row; a request whose rows finish hands its result back
+to the scheduler and its rows go at once to the next ready request, so no row waits for another and
+no padding is decoded. Windows are encoded in batches as they are admitted.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .decoding import BeamGroup, DecodingOptions, LogitRules, RowState, rank
+from .kv import KVCache
+from .loading import LoadedModel
+
+
+@dataclass
+class Request:
+    mel: Tensor  # [n_mels, 3000] window, zero-padded
+    prompt: list[int]  # decoder input: optional <|startofprev|> context, then the SOT sequence
+    temperature: float = 0.0
+    sample_len: int = 224
+    owner: Any = None  # the stream that submitted it
+    tag: Any = None
+    features: Tensor | None = None  # encoder output, kept across temperature fallbacks
+    # results
+    tokens: list[int] = field(default_factory=list)
+    sum_logprob: float = 0.0
+    no_speech_prob: float = 0.0
+
+    @property
+    def avg_logprob(self) -> float:
+        return self.sum_logprob / (len(self.tokens) + 1)
+
+
+class Scheduler(Protocol):
+    def pop_ready(self, n: int) -> list[Request]: ...
+    def complete(self, request: Request) -> None: ...
+    def finished(self) -> bool: ...
+
+
+class _Active:
+    """A request in flight and the rows it holds."""
+
+    def __init__(self, req: Request, rows: list[int], beam: BeamGroup | None):
+        self.req, self.rows, self.beam = req, rows, beam
+        self.seqs: list[list[int]] = [[] for _ in rows]
+        self.sums = [0.0] * len(rows)
+        self.done = [False] * len(rows)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, options: DecodingOptions = DecodingOptions(),
+                 batch_size: int = 8, encoder_batch: int | None = None, kv_policy=None,
+                 encoder_hooks=(), seed: int = 0):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tok = loaded.tokenizer
+        self.options = options
+        d = self.model.dims
+        self.group = max(options.beam_size, options.best_of if any(t > 0 for t in options.temperature) else 1)
+        self.batch_size = max(batch_size, self.group)
+        self.encoder_batch = encoder_batch or min(self.batch_size, 8)
+        self.device = self.model.device
+        self.cache = KVCache(d.n_text_layer, self.batch_size, d.n_text_head, d.n_text_state // d.n_text_head,
+                             d.n_text_ctx, d.n_audio_ctx, dtype=self.model.dtype, device=self.device,
+                             policy=kv_policy)
+        self.rules = LogitRules(self.tok, d.n_vocab, options, loaded.suppress_tokens,
+                                loaded.suppress_tokens_begin, self.device)
+        self.state = RowState.zeros(self.batch_size, self.device)
+        self.encoder_hooks = list(encoder_hooks)
+        self.owner_of: list[_Active | None] = [None] * self.batch_size
+        self.last_token = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
+        self.temps = torch.zeros(self.batch_size, device=self.device)
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.stats = {"encode_s": 0.0, "decode_s": 0.0, "windows": 0, "steps": 0, "tokens": 0,
+                      "row_steps": 0, "slot_steps": 0, "encoded_windows": 0}
+
+    # --- encoder -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, reqs: list[Request]) -> None:
+        todo = [r for r in reqs if r.features is None]
+        for i in range(0, len(todo), self.encoder_batch):
+            part = todo[i:i + self.encoder_batch]
+            t0 = time.perf_counter()
+            mel = torch.stack([r.mel for r in part]).to(self.device, self.model.dtype)
+            feats = self.model.encoder(mel, hooks=self.encoder_hooks)
+            for r, f in zip(part, feats):
+                r.features = f[None]
+            self.stats["encode_s"] += time.perf_counter() - t0
+            self.stats["encoded_windows"] += len(part)
+
+    # --- admission ---------------------------------------------------------------------------
+    def _free_rows(self) -> list[int]:
+        return [i for i, o in enumerate(self.owner_of) if o is None]
+
+    @torch.inference_mode()
+    def _admit(self, req: Request) -> None:
+        t0 = time.perf_counter()
+        n = self.options.beam_size if req.temperature == 0 else self.options.best_of
+        rows = self._free_rows()[:n]
+        beam = BeamGroup(n, self.options.patience, self.tok.eot) if (req.temperature == 0 and n > 1) else None
+        act = _Active(req, rows, beam)
+        for r in rows:
+            self.owner_of[r] = act
+        r0 = rows[0]
+        self.cache.reset(r0, r0 + 1)
+        self.cache.load_cross(r0, r0 + 1, self.model.decoder.cross_kv(req.features))
+        prompt = torch.tensor([req.prompt], dtype=torch.long, device=self.device)
+        logits = self.model.decoder(prompt, self.cache, r0)[0]
+        sot = req.prompt.index(self.tok.sot)
+        req.no_speech_prob = float(torch.softmax(logits[sot], -1)[self.tok.no_speech])
+        for r in rows[1:]:  # every candidate starts from the same prefilled prompt
+            self.cache.move(r0, r, 1)
+        self.state.reset(rows)
+        self.temps[rows] = req.temperature
+        self._select(logits[-1:].expand(len(rows), -1).clone(), rows, [act])
+        self.stats["decode_s"] += time.perf_counter() - t0
+
+    # --- one decode step over all rows ---------------------------------------------------------
+    @torch.inference_mode()
+    def _step(self, hi: int) -> None:
+        t0 = time.perf_counter()
+        active = np.array([o is not None for o in self.owner_of[:hi]])
+        logits = self.model.decoder(self.last_token[:hi, None], self.cache, 0, active=active)[:, -1]
+        if not active.all():
+            logits[torch.from_numpy(~active)] = 0.0  # free slots: keep NaNs out of sampling
+        acts = list({id(o): o for o in self.owner_of[:hi] if o is not None}.values())
+        self._select(logits, list(range(hi)), acts)
+        self.stats["steps"] += 1
+        self.stats["row_steps"] += int(active.sum())
+        self.stats["slot_steps"] += hi
+        self.stats["decode_s"] += time.perf_counter() - t0
+
+    def _select(self, logits: Tensor, rows: list[int], acts: list[_Active]) -> None:
+        """Filter `logits` [len(rows), V] of cache `rows`, pick each row's next token and record it."""
+        idx = torch.tensor(rows, device=self.device)
+        where = {r: i for i, r in enumerate(rows)}
+        st = self.state
+        logits = self.rules(logits.float(), RowState(st.n_sampled[idx], st.last[idx], st.penult[idx],
+                                                     st.last_stamp[idx]))
+        logprobs = torch.log_softmax(logits, dim=-1)
+        temps = self.temps[idx]
+        nxt = logits.argmax(dim=-1)
+        if bool((temps > 0).any()):
+            probs = torch.softmax(logits / temps.clamp(min=1e-6)[:, None], dim=-1)
+            sampled = torch.multinomial(probs, 1, generator=self.gen).squeeze(1)
+            nxt = torch.where(temps > 0, sampled, nxt)
+        lp = logprobs.gather(1, nxt[:, None]).squeeze(1)
+        nxt_h, lp_h = nxt.tolist(), lp.tolist()
+        for act in acts:
+            if act.beam is not None:
+                self._beam_step(act, logprobs[[where[r] for r in act.rows]], nxt, where)
+                continue
+            for j, r in enumerate(act.rows):
+                if act.done[j]:
+                    continue
+                t, i = nxt_h[where[r]], where[r]
+                act.sums[j] += lp_h[i]
+                self.stats["tokens"] += 1
+                if t == self.tok.eot:
+                    act.done[j] = True
+                else:
+                    act.seqs[j].append(t)
+                    if len(act.seqs[j]) >= act.req.sample_len:
+                        act.done[j] = True
+        self.last_token[idx] = nxt
+        st.push(idx, nxt, self.tok.timestamp_begin)
+        for act in acts:
+            if all(act.done):
+                self._finish(act)
+
+    def _beam_step(self, act: _Active, logprobs: Tensor, nxt: Tensor, where: dict[int, int]) -> None:
+        src, toks, done = act.beam.step(logprobs)
+        self.stats["tokens"] += len(act.rows)
+        if len(toks) == len(act.rows):
+            src_rows = [act.rows[s] for s in src]
+            self.cache.gather(act.rows, src_rows)  # rows take the state of their source beam
+            self.state.copy(torch.tensor(src_rows), torch.tensor(act.rows))
+            for r, t in zip(act.rows, toks):
+                nxt[where[r]] = t
+        else:
+            done = True
+        if done or len(act.beam.sequences[0]) >= act.req.sample_len:
+            act.done = [True] * len(act.rows)
+
+    def _finish(self, act: _Active) -> None:
+        req = act.req
+        if act.beam is not None:
+            cands = act.beam.close()
+        else:
+            cands = {}
+            for s, lp in zip(act.seqs, act.sums):
+                cands.setdefault(tuple(s), lp)
+        seq, lp = rank(cands, self.options.length_penalty)
+        req.tokens, req.sum_logprob = list(seq), lp
+        for r in act.rows:
+            self.owner_of[r] = None
+        self.stats["windows"] += 1
+        self._completed.append(req)
+
+    # --- main loop ---------------------------------------------------------------------------
+    def run(self, scheduler: Scheduler) -> None:
+        self._completed: list[Request] = []
+        while True:
+            free = len(self._free_rows())
+            per = self.group
+            if free >= per:
+                reqs = scheduler.pop_ready(free // per)
+                if reqs:
+                    self.encode(reqs)
+                    for r in reqs:
+                        self._admit(r)
+                        self._drain(scheduler)
+            busy = [i for i, o in enumerate(self.owner_of) if o is not None]
+            if not busy:
+                self._drain(scheduler)
+                if scheduler.finished():
+                    return
+                if not any(o is not None for o in self.owner_of):
+                    # nothing ready and nothing running: the scheduler must have work or be done
+                    reqs = scheduler.pop_ready(max(1, free // per))
+                    if not reqs:
+                        if scheduler.finished():
+                            return
+                        raise RuntimeError("scheduler stalled: no ready request and not finished")
+                    self.encode(reqs)
+                    for r in reqs:
+                        self._admit(r)
+                        self._drain(scheduler)
+                continue
+            self._step(busy[-1] + 1)
+            self._drain(scheduler)
+
+    def _drain(self, scheduler: Scheduler) -> None:
+        done, self._completed = self._completed, []
+        for req in done:
+            scheduler.complete(req)

@@ -1,0 +1,171 @@
+"""The decoder's KV cache: one slot per batch row, preallocated, rows kept packed at the front.
+
+Self-attention slots hold output tokens (prompt + generated); cross-attention slots hold speech
+frames (encoder output of the row's window). Each row has a logical position (for Whisper's learned
+positional embedding) and a physical fill pointer; they differ once a policy evicts and compacts.
+A decode step runs over rows [0, hi) as views of the buffers, never copies; free slots inside that
+range compute but keep nothing, and the engine fills them with the next ready window at once.
+Policies (murmur.kv.policies) see the cache after every step and clear `self_keep` / `cross_keep`
+bits or compact slots; the model code never changes for them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Step:
+    start: int
+    stop: int
+    n_tokens: int
+    positions: Tensor  # [R, T] logical positions
+    slots: Tensor  # [R, T] physical write slots
+    length: int  # physical slots the attention reads: [0, length)
+    self_mask: Tensor  # [R, 1, T, length] True = attend
+    cross_len: int
+    cross_mask: Tensor | None  # [R, 1, 1, F] or None when every frame is kept
+    cross_bias: Tensor | float  # additive form of cross_mask, for explicit softmax
+    active: np.ndarray | None = None  # rows in [start, stop) that hold a request
+
+
+class KVCache:
+    def __init__(self, n_layer: int, n_rows: int, n_head: int, head_dim: int, n_ctx: int,
+                 n_frames: int, dtype=torch.float32, device="cpu", policy=None):
+        shape = (n_layer, n_rows, n_head, n_ctx, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        xshape = (n_layer, n_rows, n_head, n_frames, head_dim)
+        self.xk = torch.zeros(xshape, dtype=dtype, device=device)
+        self.xv = torch.zeros(xshape, dtype=dtype, device=device)
+        self.self_keep = torch.zeros(n_rows, n_ctx, dtype=torch.bool, device=device)
+        self.cross_keep = torch.zeros(n_rows, n_frames, dtype=torch.bool, device=device)
+        # host mirrors: no device sync to learn lengths
+        self.fill = np.zeros(n_rows, dtype=np.int64)  # physical slots used
+        self.pos = np.zeros(n_rows, dtype=np.int64)  # logical tokens seen
+        self.frames = np.zeros(n_rows, dtype=np.int64)  # physical cross slots used
+        self.n_ctx, self.n_frames, self.n_rows = n_ctx, n_frames, n_rows
+        self.device = device
+        self.policy = policy
+        self.stats = {"kv_logical": 0, "kv_physical": 0, "kv_physical_peak_per_row": 0}
+        self._cross_all_kept = np.zeros(n_rows, dtype=bool)
+
+    # --- rows --------------------------------------------------------------------------------
+    def reset(self, start: int, stop: int) -> None:
+        self.fill[start:stop] = 0
+        self.pos[start:stop] = 0
+        self.self_keep[start:stop] = False
+        if self.policy is not None:
+            self.policy.reset(self, start, stop)
+
+    def load_cross(self, start: int, stop: int, kv: list[tuple[Tensor, Tensor]]) -> None:
+        """Place one window's cross K/V (each [1, H, F, D]) into rows [start, stop)."""
+        n = kv[0][0].shape[2]
+        for layer, (k, v) in enumerate(kv):
+            self.xk[layer, start:stop, :, :n] = k
+            self.xv[layer, start:stop, :, :n] = v
+        self.frames[start:stop] = n
+        self.cross_keep[start:stop] = False
+        self.cross_keep[start:stop, :n] = True
+        self._cross_all_kept[start:stop] = True
+
+    def cross_evicted(self, start: int, stop: int) -> None:
+        """Policies call this after clearing cross_keep bits, so steps stop taking the mask-free path."""
+        self._cross_all_kept[start:stop] = False
+
+    def move(self, src: int, dst: int, n: int) -> None:
+        """Copy rows [src, src+n) to [dst, dst+n): packs active rows after one leaves."""
+        s, d = slice(src, src + n), slice(dst, dst + n)
+        f = int(self.fill[s].max(initial=0))
+        fr = int(self.frames[s].max(initial=0))
+        self.k[:, d, :, :f] = self.k[:, s, :, :f]
+        self.v[:, d, :, :f] = self.v[:, s, :, :f]
+        self.xk[:, d, :, :fr] = self.xk[:, s, :, :fr]
+        self.xv[:, d, :, :fr] = self.xv[:, s, :, :fr]
+        for t in (self.self_keep, self.cross_keep):
+            t[d] = t[s]
+        for a in (self.fill, self.pos, self.frames, self._cross_all_kept):
+            a[d] = a[s]
+        if self.policy is not None:
+            self.policy.move(self, src, dst, n)
+
+    def gather(self, dst: list[int], src: list[int]) -> None:
+        """Beam search: row dst[i] takes the self-attention state of row src[i] (cross is shared)."""
+        if dst == src:
+            return
+        f = int(self.fill[src].max(initial=0))
+        d, s_ = torch.tensor(dst, device=self.device), torch.tensor(src, device=self.device)
+        self.k[:, d, :, :f] = self.k[:, s_, :, :f]  # right side is a copy: safe when rows overlap
+        self.v[:, d, :, :f] = self.v[:, s_, :, :f]
+        self.self_keep[d] = self.self_keep[s_]
+        for a in (self.fill, self.pos):
+            a[dst] = a[src]
+        if self.policy is not None:
+            self.policy.gather(self, dst, src)
+
+    # --- one forward call --------------------------------------------------------------------
+    def prepare(self, start: int, stop: int, n_tokens: int, active: np.ndarray | None = None) -> Step:
+        """Plan a forward over rows [start, stop); inactive rows (free slots) compute but keep nothing."""
+        fill, pos = self.fill[start:stop].copy(), self.pos[start:stop].copy()
+        if active is not None:
+            fill[~active], pos[~active] = 0, 0
+        if int(pos.max(initial=0)) + n_tokens > self.n_ctx or int(fill.max(initial=0)) + n_tokens > self.n_ctx:
+            raise RuntimeError("decoder context exceeded; the caller must bound sample_len")
+        ar = np.arange(n_tokens)
+        slots_np = fill[:, None] + ar
+        dev = self.device
+        slots = torch.from_numpy(slots_np).to(dev)
+        positions = torch.from_numpy(pos[:, None] + ar).to(dev)
+        length = int(slots_np.max()) + 1
+        self.self_keep[torch.arange(start, stop, device=dev)[:, None], slots] = True
+        keep = self.self_keep[start:stop, :length]
+        # a query sees kept slots up to its own (causal within a prefill)
+        causal = torch.arange(length, device=dev)[None, None, :] <= slots[:, :, None]
+        self_mask = (keep[:, None, :] & causal)[:, None]
+
+        frames = self.frames[start:stop] if active is None else self.frames[start:stop][active]
+        fr = int(self.frames[start:stop].max(initial=0))
+        all_kept = self._cross_all_kept[start:stop] if active is None else self._cross_all_kept[start:stop][active]
+        if all_kept.all() and (frames == fr).all():
+            cross_mask, cross_bias = None, 0.0
+        else:
+            cross_mask = self.cross_keep[start:stop, :fr][:, None, None, :]
+            cross_bias = torch.zeros(cross_mask.shape, dtype=self.k.dtype, device=dev)
+            cross_bias.masked_fill_(~cross_mask, float("-inf"))
+        return Step(start, stop, n_tokens, positions, slots, length, self_mask, fr, cross_mask, cross_bias, active)
+
+    def write_self(self, layer: int, step: Step, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        rows = torch.arange(step.start, step.stop, device=self.device)[:, None]
+        kb, vb = self.k[layer], self.v[layer]
+        # [R, H, T, D] -> scatter along the slot axis, per row
+        kb[rows, :, step.slots] = k.transpose(1, 2)
+        vb[rows, :, step.slots] = v.transpose(1, 2)
+        return kb[step.start:step.stop, :, :step.length], vb[step.start:step.stop, :, :step.length]
+
+    def cross(self, layer: int, step: Step) -> tuple[Tensor, Tensor]:
+        return (self.xk[layer, step.start:step.stop, :, :step.cross_len],
+                self.xv[layer, step.start:step.stop, :, :step.cross_len])
+
+    def commit(self, step: Step) -> None:
+        inc = step.n_tokens if step.active is None else step.n_tokens * step.active
+        self.fill[step.start:step.stop] += inc
+        self.pos[step.start:step.stop] += inc
+        if self.policy is not None:
+            self.policy.after_step(self, step.start, step.stop)
+        self._account(step.start, step.stop)
+
+    def _account(self, start: int, stop: int) -> None:
+        n = stop - start
+        self.stats["kv_logical"] += int(self.pos[start:stop].sum() + self.frames[start:stop].sum())
+        kept_self = int(self.self_keep[start:stop].sum()) if self.policy is not None else int(self.fill[start:stop].sum())
+        kept_cross = (int(self.cross_keep[start:stop].sum()) if self.policy is not None
+                      else int(self.frames[start:stop].sum()))
+        self.stats["kv_physical"] += kept_self + kept_cross
+        if n:
+            peak = int((self.fill[start:stop] + self.frames[start:stop]).max())
+            if self.policy is not None:
+                peak = int((self.self_keep[start:stop].sum(1) + self.cross_keep[start:stop].sum(1)).max())
+            self.stats["kv_physical_peak_per_row"] = max(self.stats["kv_physical_peak_per_row"], peak)

@@ -1,0 +1,185 @@
+"""Long-form rules inside one chunk: OpenAI's sequential algorithm as a resumable stream.
+
+A `ChunkStream` walks its audio in windows of at most 30 s: it submits a window, and when the result
+comes back it applies the temperature fallback, the no-speech rule, cuts segments at timestamp pairs,
+seeks to the last complete timestamp and carries the text as the next prompt. Context flows within
+a chunk and never across chunks. Many streams interleave in one engine (see murmur.scheduler).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
+from .decoding import DecodingOptions, compression_ratio
+from .engine import Request
+from .tokenizer import Tokenizer
+from .types import Segment
+
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
+INPUT_STRIDE = 2  # mel frames per encoder frame
+TIME_PRECISION = 0.02  # seconds per timestamp token
+
+
+@dataclass
+class TimeMap:
+    """Maps time inside a chunk's (possibly spliced) audio back to the recording's clock."""
+    src: np.ndarray  # chunk-local start of each piece
+    dst: np.ndarray  # absolute start of each piece
+
+    @classmethod
+    def identity(cls, offset: float = 0.0) -> "TimeMap":
+        return cls(np.array([0.0]), np.array([offset]))
+
+    def __call__(self, t: float) -> float:
+        i = max(int(np.searchsorted(self.src, t, side="right")) - 1, 0)
+        return float(self.dst[i] + (t - self.src[i]))
+
+
+@dataclass
+class ChunkStream:
+    audio: np.ndarray
+    tokenizer: Tokenizer
+    options: DecodingOptions
+    time_map: TimeMap = field(default_factory=TimeMap.identity)
+    index: int = 0
+    n_text_ctx: int = 448
+    language: str | None = None
+    # progress
+    seek: int = 0
+    segments: list[Segment] = field(default_factory=list)
+    waiting: bool = False
+    done: bool = False
+    windows: int = 0
+    fallbacks: int = 0
+    skipped_no_speech: int = 0
+    dropped_repetitive: int = 0
+
+    def __post_init__(self):
+        self.mel: torch.Tensor | None = None
+        self.content_frames = int(round(len(self.audio) / HOP_LENGTH))
+        self.all_tokens: list[int] = []
+        self.prompt_reset_since = 0
+        if self.options.initial_prompt:
+            self.all_tokens = self.tokenizer.encode(" " + self.options.initial_prompt.strip())
+        self.done = self.content_frames == 0
+        self.seconds_done = 0.0
+
+    @property
+    def duration(self) -> float:
+        return len(self.audio) / SAMPLE_RATE
+
+    def open(self) -> None:
+        if self.mel is None:
+            # padded like openai-whisper so the last window sees the same silence floor
+            self.mel = log_mel_spectrogram(self.audio, padding=N_SAMPLES)
+
+    def close(self) -> None:
+        self.mel = None
+        self.audio = self.audio[:0]
+
+    # --- the window protocol -----------------------------------------------------------------
+    def next_request(self) -> Request | None:
+        if self.done or self.waiting:
+            return None
+        self.open()
+        size = min(N_FRAMES, self.content_frames - self.seek)
+        seg = self.mel[:, self.seek:self.seek + N_FRAMES]
+        if seg.shape[-1] < N_FRAMES:
+            seg = torch.nn.functional.pad(seg, (0, N_FRAMES - seg.shape[-1]))
+        self.waiting = True
+        self.windows += 1
+        return self._request(seg, self.options.temperature[0], size)
+
+    def _request(self, mel, temperature: float, size: int, features=None) -> Request:
+        tok = self.tokenizer
+        prompt = []
+        context = self.all_tokens[self.prompt_reset_since:]
+        if context:
+            prompt = [tok.sot_prev] + context[-(self.n_text_ctx // 2 - 1):]
+        prompt += tok.sot_sequence(self.language, timestamps=not self.options.without_timestamps)
+        sample_len = self.options.sample_len or self.n_text_ctx // 2
+        sample_len = min(sample_len, self.n_text_ctx - len(prompt))
+        return Request(mel=mel, prompt=prompt, temperature=temperature, sample_len=sample_len, owner=self,
+                       tag={"size": size, "t_index": self.options.temperature.index(temperature)},
+                       features=features)
+
+    def on_result(self, req: Request) -> Request | None:
+        """Apply the fallback and seek rules; returns a retry request when the window must be redone."""
+        o, tok = self.options, self.tokenizer
+        text_tokens = [t for t in req.tokens if t < tok.eot]
+        ratio = compression_ratio(tok.decode(text_tokens))
+        too_repetitive = o.compression_ratio_threshold is not None and ratio > o.compression_ratio_threshold
+        too_unsure = o.logprob_threshold is not None and req.avg_logprob < o.logprob_threshold
+        silent = o.no_speech_threshold is not None and req.no_speech_prob > o.no_speech_threshold
+        needs_fallback = (too_repetitive or too_unsure) and not (silent and too_unsure)
+        t_index = req.tag["t_index"]
+        if needs_fallback and t_index + 1 < len(o.temperature):
+            self.fallbacks += 1
+            return self._request(req.mel, o.temperature[t_index + 1], req.tag["size"], req.features)
+        self.waiting = False
+        self._advance(req, ratio, drop=needs_fallback and too_repetitive)
+        return None
+
+    def _advance(self, req: Request, ratio: float, drop: bool) -> None:
+        o, tok = self.options, self.tokenizer
+        size = req.tag["size"]
+        offset = self.seek * HOP_LENGTH / SAMPLE_RATE
+        tokens = req.tokens
+        skip = False
+        if o.no_speech_threshold is not None and req.no_speech_prob > o.no_speech_threshold:
+            skip = o.logprob_threshold is None or req.avg_logprob <= o.logprob_threshold
+        if skip or drop:
+            # silence, or a repetition loop that survived every temperature: emit nothing
+            self.skipped_no_speech += skip
+            self.dropped_repetitive += drop and not skip
+            self._move(size)
+            return
+        tsb = tok.timestamp_begin
+        is_ts = [t >= tsb for t in tokens]
+        single_ending = is_ts[-2:] == [False, True]
+        consecutive = [i + 1 for i in range(len(tokens) - 1) if is_ts[i] and is_ts[i + 1]]
+        new: list[Segment] = []
+        temp = o.temperature[req.tag["t_index"]]
+
+        def add(start: float, end: float, toks: list[int]) -> None:
+            text = tok.decode(toks)
+            if end <= start or not text.strip():
+                return  # instantaneous or empty: whisper drops these too
+            new.append(Segment(start=self.time_map(start), end=self.time_map(end), text=text,
+                               tokens=[t for t in toks if t < tok.eot], avg_logprob=req.avg_logprob,
+                               compression_ratio=ratio, no_speech_prob=req.no_speech_prob, temperature=temp))
+
+        if consecutive:
+            slices = consecutive + ([len(tokens)] if single_ending else [])
+            last = 0
+            for cur in slices:
+                piece = tokens[last:cur]
+                add(offset + (piece[0] - tsb) * TIME_PRECISION, offset + (piece[-1] - tsb) * TIME_PRECISION, piece)
+                last = cur
+            if single_ending:
+                advance = size
+            else:
+                advance = (tokens[last - 1] - tsb) * INPUT_STRIDE
+        else:
+            duration = size * HOP_LENGTH / SAMPLE_RATE
+            stamps = [t for t in tokens if t >= tsb]
+            if stamps and stamps[-1] != tsb:
+                duration = (stamps[-1] - tsb) * TIME_PRECISION
+            add(offset, offset + duration, tokens)
+            advance = size
+        self.segments.extend(new)
+        for s in new:
+            self.all_tokens.extend(s.tokens)
+        if not o.condition_on_previous_text or temp > o.prompt_reset_on_temperature:
+            self.prompt_reset_since = len(self.all_tokens)
+        self._move(advance if advance > 0 else size)  # always move forward: no loops
+
+    def _move(self, frames: int) -> None:
+        self.seek = min(self.seek + frames, self.content_frames)
+        self.seconds_done = self.seek / FRAMES_PER_SECOND
+        if self.seek >= self.content_frames:
+            self.done = True
+            self.close()

@@ -1,0 +1,183 @@
+"""Whisper in PyTorch: an audio encoder and a text decoder, readable in one sitting.
+
+The decoder reads and writes a `KVCache` (murmur.kv) that holds one slot per batch row, so rows of
+different lengths decode together and KV policies act on the cache, not on this file. The encoder
+calls optional `EncoderHook`s between blocks, which is where frame sparsifiers plug in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    n_mels: int
+    n_audio_ctx: int
+    n_audio_state: int
+    n_audio_head: int
+    n_audio_layer: int
+    n_vocab: int
+    n_text_ctx: int
+    n_text_state: int
+    n_text_head: int
+    n_text_layer: int
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Tensor:
+    inc = torch.log(torch.tensor(max_timescale)) / (channels // 2 - 1)
+    inv = torch.exp(-inc * torch.arange(channels // 2))
+    t = torch.arange(length)[:, None] * inv[None, :]
+    return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.query = nn.Linear(n_state, n_state)
+        self.key = nn.Linear(n_state, n_state, bias=False)  # Whisper's key projections have no bias
+        self.value = nn.Linear(n_state, n_state)
+        self.out = nn.Linear(n_state, n_state)
+
+    def heads(self, x: Tensor) -> Tensor:  # [B, T, C] -> [B, H, T, D]
+        b, t, c = x.shape
+        return x.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+
+    def merge(self, x: Tensor) -> Tensor:  # [B, H, T, D] -> [B, T, C]
+        b, h, t, d = x.shape
+        return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, n_state: int, n_head: int, cross_attention: bool = False):
+        super().__init__()
+        self.attn = MultiHeadAttention(n_state, n_head)
+        self.attn_ln = nn.LayerNorm(n_state)
+        self.cross_attn = MultiHeadAttention(n_state, n_head) if cross_attention else None
+        self.cross_attn_ln = nn.LayerNorm(n_state) if cross_attention else None
+        self.mlp = nn.Sequential(nn.Linear(n_state, 4 * n_state), nn.GELU(), nn.Linear(4 * n_state, n_state))
+        self.mlp_ln = nn.LayerNorm(n_state)
+
+    def encode(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Encoder block; optionally also returns the head-averaged attention each frame receives."""
+        a = self.attn
+        h = self.attn_ln(x)
+        q, k, v = a.heads(a.query(h)), a.heads(a.key(h)), a.heads(a.value(h))
+        received = None
+        if need_weights:
+            w = torch.softmax((q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5), dim=-1)
+            o = w @ v
+            received = w.mean(dim=1).sum(dim=1)  # [B, T]: attention mass landing on each frame
+        else:
+            o = F.scaled_dot_product_attention(q, k, v)
+        x = x + a.out(a.merge(o))
+        x = x + self.mlp(self.mlp_ln(x))
+        return x, received
+
+
+class EncoderHook:
+    """Runs between encoder blocks; may drop frames. Subclasses live in murmur.sparsify."""
+
+    def wants_weights(self, layer: int) -> bool:
+        return False
+
+    def after_block(self, layer: int, x: Tensor, received: Tensor | None) -> Tensor:
+        return x
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, d: ModelDims):
+        super().__init__()
+        self.conv1 = nn.Conv1d(d.n_mels, d.n_audio_state, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d.n_audio_state, d.n_audio_state, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", sinusoids(d.n_audio_ctx, d.n_audio_state))
+        self.blocks = nn.ModuleList(ResidualAttentionBlock(d.n_audio_state, d.n_audio_head)
+                                    for _ in range(d.n_audio_layer))
+        self.ln_post = nn.LayerNorm(d.n_audio_state)
+
+    def forward(self, mel: Tensor, hooks: list[EncoderHook] = ()) -> Tensor:
+        """mel [B, n_mels, 3000] -> features [B, frames, C]; frames < 1500 if a hook dropped some."""
+        x = F.gelu(self.conv1(mel))
+        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
+        for i, block in enumerate(self.blocks):
+            need = any(h.wants_weights(i) for h in hooks)
+            x, received = block.encode(x, need_weights=need)
+            for h in hooks:
+                x = h.after_block(i, x, received)
+        return self.ln_post(x)
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, d: ModelDims):
+        super().__init__()
+        self.token_embedding = nn.Embedding(d.n_vocab, d.n_text_state)
+        self.positional_embedding = nn.Parameter(torch.empty(d.n_text_ctx, d.n_text_state))
+        self.blocks = nn.ModuleList(ResidualAttentionBlock(d.n_text_state, d.n_text_head, cross_attention=True)
+                                    for _ in range(d.n_text_layer))
+        self.ln = nn.LayerNorm(d.n_text_state)
+
+    def cross_kv(self, features: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Project encoder features once per window into every layer's cross-attention K and V."""
+        out = []
+        for b in self.blocks:
+            ca = b.cross_attn
+            out.append((ca.heads(ca.key(features)), ca.heads(ca.value(features))))
+        return out
+
+    def forward(self, tokens: Tensor, cache, start: int = 0, active=None, attn_probe=None) -> Tensor:
+        """Decode `tokens` [R, T] for cache rows [start, start+R), appending their K/V; -> logits [R, T, V].
+
+        The cache decides positions, write slots and masks (see murmur.kv.KVCache.prepare).
+        `attn_probe(layer, weights)` receives cross-attention weights when word timing needs them.
+        """
+        step = cache.prepare(start, start + tokens.shape[0], tokens.shape[1], active)
+        x = self.token_embedding(tokens) + self.positional_embedding[step.positions]
+        for i, block in enumerate(self.blocks):
+            a = block.attn
+            h = block.attn_ln(x)
+            q, k, v = a.heads(a.query(h)), a.heads(a.key(h)), a.heads(a.value(h))
+            k_all, v_all = cache.write_self(i, step, k, v)
+            x = x + a.out(a.merge(F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=step.self_mask)))
+
+            ca = block.cross_attn
+            h = block.cross_attn_ln(x)
+            q = ca.heads(ca.query(h))
+            xk, xv = cache.cross(i, step)
+            if attn_probe is not None:
+                w = torch.softmax((q @ xk.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+                                  + step.cross_bias, dim=-1)
+                attn_probe(i, w)
+                o = w @ xv
+            else:
+                o = F.scaled_dot_product_attention(q, xk, xv, attn_mask=step.cross_mask)
+            x = x + ca.out(ca.merge(o))
+            x = x + block.mlp(block.mlp_ln(x))
+        cache.commit(step)
+        x = self.ln(x)
+        return (x @ self.token_embedding.weight.to(x.dtype).T).float()
+
+
+class Whisper(nn.Module):
+    def __init__(self, dims: ModelDims):
+        super().__init__()
+        self.dims = dims
+        self.encoder = AudioEncoder(dims)
+        self.decoder = TextDecoder(dims)
+        self.alignment_heads: list[tuple[int, int]] = []
+
+    @property
+    def is_multilingual(self) -> bool:
+        return self.dims.n_vocab >= 51865
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.token_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.token_embedding.weight.dtype

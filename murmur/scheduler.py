@@ -1,0 +1,55 @@
+"""Feeds the engine windows from many chunk streams at once.
+
+Each stream has at most one window in flight (its next window depends on where the last one ended),
+so parallelism comes from running many chunks as the rows of one batch. Streams are opened in order
+and at most `max_open` hold their mel at a time, which bounds memory whatever the recording's length.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+from .engine import Request
+from .longform import ChunkStream
+
+
+class StreamScheduler:
+    def __init__(self, streams: list[ChunkStream], max_open: int,
+                 on_progress: Callable[[float], None] | None = None):
+        self.pending = deque(s for s in streams if not s.done)
+        self.open: list[ChunkStream] = []
+        self.retries: deque[Request] = deque()
+        self.max_open = max(1, max_open)
+        self.on_progress = on_progress
+        self.streams = streams
+
+    def pop_ready(self, n: int) -> list[Request]:
+        out: list[Request] = []
+        while self.retries and len(out) < n:
+            out.append(self.retries.popleft())
+        # oldest streams first: they finish and release memory soonest
+        while len(out) < n:
+            while self.pending and len(self.open) < self.max_open:
+                self.open.append(self.pending.popleft())
+            ready = [s for s in self.open if not s.waiting and not s.done]
+            if not ready:
+                break
+            for s in ready[: n - len(out)]:
+                req = s.next_request()
+                if req is not None:
+                    out.append(req)
+        return out
+
+    def complete(self, req: Request) -> None:
+        stream: ChunkStream = req.owner
+        before = stream.seconds_done
+        retry = stream.on_result(req)
+        if retry is not None:
+            self.retries.append(retry)
+        if stream.done:
+            self.open.remove(stream)
+        if self.on_progress is not None and stream.seconds_done > before:
+            self.on_progress(stream.seconds_done - before)
+
+    def finished(self) -> bool:
+        return not self.pending and not self.open and not self.retries

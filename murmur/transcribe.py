@@ -1,0 +1,221 @@
+"""The pipeline: audio → VAD/chunker → scheduler → engine → stitcher → Transcript."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE, load_audio, log_mel_spectrogram
+from .decoding import DecodingOptions
+from .engine import Engine
+from .errors import MurmurError
+from .kv import KVCache
+from .loading import LoadedModel, load_model
+from .longform import ChunkStream, TimeMap
+from .scheduler import StreamScheduler
+from .types import Segment, Transcript
+
+_MODELS: dict[tuple, LoadedModel] = {}
+
+
+def get_model(model: str | LoadedModel, device: str | None = None) -> LoadedModel:
+    """Load once per process: the CLI, the server and the benchmark share weights."""
+    if isinstance(model, LoadedModel):
+        return model
+    key = (str(model), device)
+    if key not in _MODELS:
+        _MODELS[key] = load_model(model, device=device)
+    return _MODELS[key]
+
+
+def set_threads(n: int | None = None) -> None:
+    n = n or int(os.environ.get("MURMUR_THREADS", 0)) or os.cpu_count() or 1
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+@dataclass
+class ChunkPlan:
+    """One chunk: its audio (speech only when a VAD cut it) and the map back to recording time."""
+    audio: np.ndarray
+    time_map: TimeMap
+
+
+@torch.inference_mode()
+def detect_language(loaded: LoadedModel, audio: np.ndarray) -> tuple[str, dict[str, float]]:
+    """Whisper's language detection on the first 30 s: one decoder step after <|startoftranscript|>."""
+    from .tokenizer import LANGUAGES
+    tok, model = loaded.tokenizer, loaded.model
+    if not tok.multilingual:
+        return "en", {"en": 1.0}
+    mel = log_mel_spectrogram(audio[:N_SAMPLES], padding=N_SAMPLES)[:, :N_FRAMES]
+    feats = model.encoder(mel[None].to(model.device, model.dtype))
+    d = model.dims
+    cache = KVCache(d.n_text_layer, 1, d.n_text_head, d.n_text_state // d.n_text_head, d.n_text_ctx,
+                    feats.shape[1], dtype=model.dtype, device=model.device)
+    cache.load_cross(0, 1, model.decoder.cross_kv(feats))
+    logits = model.decoder(torch.tensor([[tok.sot]], device=model.device), cache)[0, -1]
+    ids = tok.language_tokens
+    probs = torch.softmax(logits[ids], -1).tolist()
+    table = {LANGUAGES[i]: p for i, p in enumerate(probs)}
+    return max(table, key=table.get), table
+
+
+def plan_chunks(audio: np.ndarray, chunk_size: float | None, vad_options=None) -> tuple[list[ChunkPlan], float]:
+    """Full mode is the whole recording as one chunk (sequential mode); otherwise VAD + chunker."""
+    if chunk_size is None:
+        return [ChunkPlan(audio, TimeMap.identity(0.0))], 0.0
+    from .chunker import make_chunks
+    from .vad import speech_regions
+    t0 = time.perf_counter()
+    regions = speech_regions(audio, SAMPLE_RATE, vad_options)
+    chunks = make_chunks(regions, chunk_size, audio=audio, sr=SAMPLE_RATE)
+    plans = []
+    for ch in chunks:
+        # splice the chunk's speech regions: non-speech never reaches the encoder
+        pieces, src, dst, t = [], [], [], 0.0
+        for a, b in ch.regions:
+            i, j = int(a * SAMPLE_RATE), int(b * SAMPLE_RATE)
+            if j <= i:
+                continue
+            pieces.append(audio[i:j])
+            src.append(t)
+            dst.append(i / SAMPLE_RATE)
+            t += (j - i) / SAMPLE_RATE
+        if pieces:
+            plans.append(ChunkPlan(np.concatenate(pieces), TimeMap(np.array(src), np.array(dst))))
+    return plans, time.perf_counter() - t0
+
+
+def transcribe(
+    audio: str | os.PathLike | np.ndarray | bytes,
+    model: str | LoadedModel = "tiny.en",
+    *,
+    chunk_size: float | str | None = None,
+    batch_size: int = 8,
+    language: str | None = None,
+    beam_size: int = 1,
+    options: DecodingOptions | None = None,
+    progress: bool | Callable[[float, float], None] = False,
+    device: str | None = None,
+    vad_options=None,
+    kv_policy=None,
+    encoder_hooks=(),
+    **decode_kw,
+) -> Transcript:
+    """Transcribe one recording. `chunk_size` None/'full' is sequential mode; seconds cut at silences.
+
+    Extra keyword arguments are DecodingOptions fields (temperature, initial_prompt, ...).
+    """
+    set_threads()
+    t_start = time.perf_counter()
+    loaded = get_model(model, device)
+    source = None
+    if not isinstance(audio, np.ndarray):
+        source = str(audio) if not isinstance(audio, (bytes, bytearray)) else None
+        audio = load_audio(audio)
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim != 1:
+        raise MurmurError(f"audio must be mono 1-D samples at 16 kHz, got shape {audio.shape}")
+    duration = len(audio) / SAMPLE_RATE
+    if isinstance(chunk_size, str):
+        from .chunker import parse_chunk_size
+        chunk_size = parse_chunk_size(chunk_size)
+    opts = options or DecodingOptions()
+    if isinstance(decode_kw.get("temperature"), (int, float)):
+        decode_kw["temperature"] = (float(decode_kw["temperature"]),)
+    opts = opts.with_(beam_size=beam_size, language=language or opts.language, **decode_kw)
+    tok = loaded.tokenizer
+    if tok.multilingual and opts.language is None and len(audio):
+        opts = opts.with_(language=detect_language(loaded, audio)[0])
+    lang = opts.language or "en"
+    tok.language = lang
+    if not tok.multilingual and lang != "en":
+        raise MurmurError(f"model {loaded.name} is English-only; language {lang!r} is not supported")
+    plans, vad_s = plan_chunks(audio, chunk_size, vad_options)
+    streams = [ChunkStream(p.audio, tok, opts, p.time_map, index=i, n_text_ctx=loaded.model.dims.n_text_ctx,
+                           language=lang) for i, p in enumerate(plans)]
+    engine = Engine(loaded, opts, batch_size=batch_size, kv_policy=kv_policy, encoder_hooks=encoder_hooks)
+    speech_total = sum(len(p.audio) for p in plans) / SAMPLE_RATE
+    bar = _progress(progress, speech_total, source)
+    scheduler = StreamScheduler(streams, max_open=2 * engine.batch_size, on_progress=bar.advance if bar else None)
+    try:
+        engine.run(scheduler)
+    finally:
+        if bar:
+            bar.close()
+    t_stitch = time.perf_counter()
+    from .stitcher import stitch
+    segments = stitch([s.segments for s in streams])
+    stitch_s = time.perf_counter() - t_stitch
+    wall = time.perf_counter() - t_start
+    stats = {
+        "wall_s": round(wall, 3),
+        "rtfx": round(duration / wall, 2) if wall > 0 else None,
+        "audio_s": round(duration, 3),
+        "chunks": len(plans),
+        "windows": engine.stats["windows"],
+        "fallbacks": sum(s.fallbacks for s in streams),
+        "skipped_no_speech": sum(s.skipped_no_speech for s in streams),
+        "dropped_repetitive": sum(s.dropped_repetitive for s in streams),
+        "vad_s": round(vad_s, 3),
+        "encode_s": round(engine.stats["encode_s"], 3),
+        "decode_s": round(engine.stats["decode_s"], 3),
+        "stitch_s": round(stitch_s, 4),
+        "tokens": engine.stats["tokens"],
+        "tokens_per_s": round(engine.stats["tokens"] / max(engine.stats["decode_s"], 1e-9), 1),
+        "batch_size": engine.batch_size,
+        "batch_occupancy": round(engine.stats["row_steps"] / max(engine.stats["slot_steps"], 1), 3),
+        "mean_active_rows": round(engine.stats["row_steps"] / max(engine.stats["steps"], 1), 2),
+        "chunk_size": "full" if chunk_size is None else chunk_size,
+        "peak_rss_mb": _peak_rss_mb(),
+        **engine.cache.stats,
+    }
+    text = "".join(s.text for s in segments).strip()
+    return Transcript(text=text, duration=duration, model=loaded.name, segments=segments, language=lang,
+                      stats=stats, source=source)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+class _Bar:
+    def __init__(self, total: float, label: str, callback=None):
+        self.total, self.done, self.callback = total, 0.0, callback
+        self.progress = None
+        if callback is None:
+            from rich.console import Console
+            from rich.progress import (BarColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                     TextColumn("{task.completed:.0f}/{task.total:.0f} s audio"),
+                                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                     console=Console(stderr=True), transient=False)
+            self.task = self.progress.add_task(label, total=max(total, 1e-6))
+            self.progress.start()
+
+    def advance(self, seconds: float) -> None:
+        self.done += seconds
+        if self.callback:
+            self.callback(self.done, self.total)
+        else:
+            self.progress.update(self.task, completed=min(self.done, self.total))
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.update(self.task, completed=self.total)
+            self.progress.stop()
+
+
+def _progress(progress, total: float, source: str | None):
+    if not progress:
+        return None
+    label = Path(source).name if source else "audio"
+    return _Bar(total, label, progress if callable(progress) else None)
