@@ -93,39 +93,47 @@ class LogitRules:
         self.suppress[sorted(i for i in ids if 0 <= i < n_vocab)] = True
         if self.timestamps:
             self.suppress[tokenizer.no_timestamps] = True
-        self.suppress_begin = torch.zeros(n_vocab, dtype=torch.bool, device=device)
-        if options.suppress_blank:
-            self.suppress_begin[sorted(set(suppress_begin) | {220, tokenizer.eot})] = True
+        self.suppress_bias = _bias(self.suppress)
+        begin = sorted(set(suppress_begin) | {220, tokenizer.eot}) if options.suppress_blank else []
+        self.suppress_begin = torch.tensor(begin, dtype=torch.long, device=device)
         self.max_initial = (round(options.max_initial_timestamp / 0.02)
                             if options.max_initial_timestamp is not None else None)
         self.cols = torch.arange(n_vocab, device=device)
 
     def __call__(self, logits: Tensor, st: RowState) -> Tensor:
+        """Filters `logits` [R, V] in place. Row conditions become additive -inf biases over column
+        ranges (adds vectorise on CPU where masked_fill does not), and nothing syncs with the host."""
         tsb, eot = self.tok.timestamp_begin, self.tok.eot
-        cols = self.cols[None, :]
-        first = (st.n_sampled == 0)[:, None]
-        mask = self.suppress[None, :] | (first & self.suppress_begin[None, :])
-        if self.timestamps:
-            is_ts_col = cols >= tsb
-            last_ts = (st.last >= tsb)[:, None]
-            pen_ts = ((st.n_sampled < 2) | (st.penult >= tsb))[:, None]
-            mask = mask | (last_ts & pen_ts & is_ts_col)  # a pair of stamps closes a segment: text next
-            mask = mask | (last_ts & ~pen_ts & (cols < eot))  # a lone stamp: another stamp or eot next
-            # stamps never go back, and a segment has nonzero length
-            floor = torch.where((last_ts & ~pen_ts).squeeze(1), st.last_stamp, st.last_stamp + 1)
-            has = (st.last_stamp >= 0)[:, None]
-            mask = mask | (has & is_ts_col & (cols < floor[:, None]))
-            mask = mask | (first & (cols < tsb))  # a window opens with a stamp
-            if self.max_initial is not None:
-                mask = mask | (first & (cols > tsb + self.max_initial))
-        logits = logits.masked_fill(mask, NEG_INF)
-        if self.timestamps:
-            logprobs = torch.log_softmax(logits, dim=-1)
-            ts_mass = logprobs[:, tsb:].logsumexp(dim=-1)
-            text_max = logprobs[:, :tsb].max(dim=-1).values
-            force = (ts_mass > text_max)[:, None] & (cols < tsb)
-            logits = logits.masked_fill(force, NEG_INF)
+        logits.add_(self.suppress_bias)
+        first = st.n_sampled == 0
+        if len(self.suppress_begin):
+            cols = self.suppress_begin
+            logits[:, cols] = logits[:, cols] + _bias(first)[:, None]
+        if not self.timestamps:
+            return logits
+        last_ts = st.last >= tsb
+        pen_ts = (st.n_sampled < 2) | (st.penult >= tsb)
+        lone = last_ts & ~pen_ts
+        # a lone stamp must be followed by another stamp or eot; a window opens with a stamp
+        logits[:, :eot].add_(_bias(lone | first)[:, None])
+        logits[:, eot:tsb].add_(_bias(first)[:, None])
+        ts = logits[:, tsb:]
+        ts.add_(_bias(last_ts & pen_ts)[:, None])  # a pair of stamps closes a segment: text next
+        # stamps never go back, and a segment has nonzero length
+        floor = torch.where(lone, st.last_stamp, st.last_stamp + 1) - tsb
+        ts_cols = self.cols[None, : ts.shape[1]]
+        ts.add_(_bias((st.last_stamp >= 0)[:, None] & (ts_cols < floor[:, None])))
+        if self.max_initial is not None:
+            ts.add_(_bias(first[:, None] & (ts_cols > self.max_initial)))
+        # if the stamps together outweigh any single text token, emit a stamp (same softmax normaliser)
+        force = ts.logsumexp(dim=-1) > logits[:, :tsb].amax(dim=-1)
+        logits[:, :tsb].add_(_bias(force)[:, None])
         return logits
+
+
+def _bias(mask: Tensor) -> Tensor:
+    """True -> -inf, False -> 0."""
+    return torch.zeros(mask.shape, device=mask.device).masked_fill_(mask, NEG_INF)
 
 
 @dataclass

@@ -145,18 +145,19 @@ class Engine:
         st = self.state
         logits = self.rules(logits.float(), RowState(st.n_sampled[idx], st.last[idx], st.penult[idx],
                                                      st.last_stamp[idx]))
-        logprobs = torch.log_softmax(logits, dim=-1)
         temps = self.temps[idx]
         nxt = logits.argmax(dim=-1)
         if bool((temps > 0).any()):
             probs = torch.softmax(logits / temps.clamp(min=1e-6)[:, None], dim=-1)
             sampled = torch.multinomial(probs, 1, generator=self.gen).squeeze(1)
             nxt = torch.where(temps > 0, sampled, nxt)
-        lp = logprobs.gather(1, nxt[:, None]).squeeze(1)
+        norm = logits.logsumexp(dim=-1)
+        lp = logits.gather(1, nxt[:, None]).squeeze(1) - norm
         nxt_h, lp_h = nxt.tolist(), lp.tolist()
         for act in acts:
             if act.beam is not None:
-                self._beam_step(act, logprobs[[where[r] for r in act.rows]], nxt, where)
+                sel = [where[r] for r in act.rows]
+                self._beam_step(act, logits[sel] - norm[sel, None], nxt, where)
                 continue
             for j, r in enumerate(act.rows):
                 if act.done[j]:

@@ -149,7 +149,7 @@ class ChunkStream:
             if end <= start or not text.strip():
                 return  # instantaneous or empty: whisper drops these too
             new.append(Segment(start=self.time_map(start), end=self.time_map(end), text=text,
-                               tokens=[t for t in toks if t < tok.eot], avg_logprob=req.avg_logprob,
+                               tokens=list(toks), avg_logprob=req.avg_logprob,
                                compression_ratio=ratio, no_speech_prob=req.no_speech_prob, temperature=temp))
 
         if consecutive:
@@ -172,7 +172,7 @@ class ChunkStream:
             advance = size
         self.segments.extend(new)
         for s in new:
-            self.all_tokens.extend(s.tokens)
+            self.all_tokens.extend(s.tokens)  # with timestamps, as openai-whisper prompts
         if not o.condition_on_previous_text or temp > o.prompt_reset_on_temperature:
             self.prompt_reset_since = len(self.all_tokens)
         self._move(advance if advance > 0 else size)  # always move forward: no loops

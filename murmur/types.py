@@ -22,7 +22,7 @@ class Segment:
     speaker: str | None = None
     words: list[Word] = field(default_factory=list)
     # decoding details, kept for fallback rules and debugging
-    tokens: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # timestamp tokens included
     avg_logprob: float = 0.0
     compression_ratio: float = 0.0
     no_speech_prob: float = 0.0
