@@ -21,6 +21,7 @@ from .types import Segment
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
 INPUT_STRIDE = 2  # mel frames per encoder frame
 TIME_PRECISION = 0.02  # seconds per timestamp token
+SILENCE_RMS = 1e-4  # -80 dBFS: below any recorded room tone, so only true silence is skipped
 
 
 @dataclass
@@ -78,7 +79,6 @@ class ChunkStream:
 
     def close(self) -> None:
         self.mel = None
-        self.audio = self.audio[:0]
 
     # --- the window protocol -----------------------------------------------------------------
     def next_request(self) -> Request | None:
@@ -86,12 +86,23 @@ class ChunkStream:
             return None
         self.open()
         size = min(N_FRAMES, self.content_frames - self.seek)
+        while self._is_silent(size):
+            # digital silence makes Whisper hallucinate ("you you you"): never decode it
+            self.skipped_no_speech += 1
+            self._move(size)
+            if self.done:
+                return None
+            size = min(N_FRAMES, self.content_frames - self.seek)
         seg = self.mel[:, self.seek:self.seek + N_FRAMES]
         if seg.shape[-1] < N_FRAMES:
             seg = torch.nn.functional.pad(seg, (0, N_FRAMES - seg.shape[-1]))
         self.waiting = True
         self.windows += 1
         return self._request(seg, self.options.temperature[0], size)
+
+    def _is_silent(self, size: int) -> bool:
+        a = self.audio[self.seek * HOP_LENGTH:(self.seek + size) * HOP_LENGTH]
+        return a.size == 0 or float(np.sqrt(np.mean(a.astype(np.float64) ** 2))) < SILENCE_RMS
 
     def _request(self, mel, temperature: float, size: int, features=None) -> Request:
         tok = self.tokenizer

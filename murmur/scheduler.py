@@ -35,10 +35,17 @@ class StreamScheduler:
             if not ready:
                 break
             for s in ready[: n - len(out)]:
-                req = s.next_request()
+                before = s.seconds_done
+                req = s.next_request()  # may skip silent windows, or finish the stream outright
+                self._progress(s, before)
                 if req is not None:
                     out.append(req)
+            self.open = [s for s in self.open if not s.done]
         return out
+
+    def _progress(self, stream: ChunkStream, before: float) -> None:
+        if self.on_progress is not None and stream.seconds_done > before:
+            self.on_progress(stream.seconds_done - before)
 
     def complete(self, req: Request) -> None:
         stream: ChunkStream = req.owner
@@ -46,10 +53,9 @@ class StreamScheduler:
         retry = stream.on_result(req)
         if retry is not None:
             self.retries.append(retry)
-        if stream.done:
+        if stream.done and stream in self.open:
             self.open.remove(stream)
-        if self.on_progress is not None and stream.seconds_done > before:
-            self.on_progress(stream.seconds_done - before)
+        self._progress(stream, before)
 
     def finished(self) -> bool:
         return not self.pending and not self.open and not self.retries
