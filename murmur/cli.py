@@ -56,7 +56,7 @@ def cmd_transcribe(args) -> int:
         try:
             result = transcribe(f, progress=not args.quiet, **kw)
         except MurmurError as e:
-            print(f"error: {f}: {e}", file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr)  # the message names the file
             failures += 1
             continue
         if out is None or out == "-":
@@ -89,11 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_transcribe)
 
-    try:
-        from .cli_eval import add_parser as add_eval
-        add_eval(sub)
-    except ImportError:  # the eval extra is optional
-        pass
+    from .bench.run import add_parser as add_bench
+    from .cli_eval import add_parser as add_eval
+    add_eval(sub)
+    add_bench(sub)
     return parser
 
 

@@ -35,6 +35,8 @@ def _normalizer():
 
 
 def normalize(text: str) -> str:
+    # the normaliser knows only ASCII apostrophes; references often use typographic ones
+    text = text.replace("\u2019", "'").replace("\u2018", "'")
     return " ".join(_normalizer()(text).split())
 
 

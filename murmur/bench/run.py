@@ -1,0 +1,222 @@
+"""`murmur bench`: accuracy against latency, Murmur's configurations and the peers in one run."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import dataset, peers
+from .plot import pareto_front, plot_accuracy_latency, write_csv, write_json
+
+SETS = ("stitched", "ami", "ljspeech", "ami-clips", "ljspeech-clips", "noref")
+
+
+def _wer(ref: str, hyp: str) -> dict:
+    from ..scoring import wer
+    return wer(ref, hyp)
+
+
+def load_set(name: str, repeat: int = 1) -> list[dataset.Item]:
+    """A named benchmark set; '*-clips' sets are many items, each transcribed whole and pooled."""
+    if name == "stitched":
+        return [dataset.stitched(repeat=repeat)]
+    if name == "ami":
+        return [dataset.stitched_ami()]
+    if name == "ljspeech":
+        return [dataset.stitched(parts=("ljspeech",), repeat=repeat)]
+    if name == "ami-clips":
+        return dataset.ami_items()
+    if name == "ljspeech-clips":
+        return dataset.ljspeech_items()
+    if name == "noref":
+        return [dataset.noref_15min()]
+    raise SystemExit(f"unknown set {name!r}; choose from {', '.join(SETS)}")
+
+
+def item_from_files(audio: str, ref: str | None) -> dataset.Item:
+    from ..audio import load_audio
+    from ..scoring import read_any
+    a = load_audio(audio)
+    text = ""
+    if ref:
+        entries = read_any(ref)
+        text = " ".join(e["words"] for e in sorted(entries, key=lambda e: (e.get("start_time") or 0)))
+    return dataset.Item(name=Path(audio).stem, audio=a, reference=text, duration=len(a) / 16000)
+
+
+def _pool(rows: list[dict]) -> dict:
+    """Sum errors and words over items: one WER for the set, not a mean of clip WERs."""
+    err = sum(r["errors"] for r in rows if r.get("errors") is not None)
+    n = sum(r["length"] for r in rows if r.get("length"))
+    return {"wer": 100 * err / n if n else None, "errors": err, "ref_words": n}
+
+
+def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None, kv_opts=None,
+               sparsity=None, progress=False) -> dict:
+    from ..transcribe import get_model, transcribe
+    loaded = get_model(model)
+    extra = {}
+    if kv_policy and kv_policy != "none":
+        from ..kv.policies import parse_kv_policy
+        extra["kv_policy"] = parse_kv_policy(kv_policy, kv_opts or {}, loaded)
+    if sparsity and sparsity != "off":
+        from ..sparsify import parse_encoder_sparsity
+        extra["encoder_hooks"] = parse_encoder_sparsity(sparsity)
+    per, stats = [], []
+    mon = peers._PeakRSS()
+    with mon.watch():
+        t0 = time.perf_counter()
+        for it in items:
+            if kv_policy and kv_policy != "none":  # policies hold per-run state
+                from ..kv.policies import parse_kv_policy
+                extra["kv_policy"] = parse_kv_policy(kv_policy, kv_opts or {}, loaded)
+            r = transcribe(it.audio, loaded, chunk_size=chunk_size, batch_size=batch_size,
+                           beam_size=beam_size, progress=progress, **extra)
+            stats.append(r.stats)
+            if it.reference:
+                per.append(_wer(it.reference, r.text))
+        wall = time.perf_counter() - t0
+    audio_s = sum(it.duration for it in items)
+    agg = lambda k: round(sum(s.get(k) or 0 for s in stats), 3)  # noqa: E731
+    slot_steps = sum(s.get("batch_occupancy", 0) for s in stats) / max(len(stats), 1)
+    kv_log, kv_phys = agg("kv_logical"), agg("kv_physical")
+    row = {
+        "name": f"murmur chunk={chunk_size} batch={batch_size}" + (f" beam={beam_size}" if beam_size > 1 else "")
+                + (f" kv={kv_policy}" if kv_policy and kv_policy != "none" else "")
+                + (f" sparsity={sparsity}" if sparsity and sparsity != "off" else ""),
+        "kind": "murmur", "chunk_size": chunk_size, "batch_size": batch_size, "beam_size": beam_size,
+        "kv_policy": kv_policy or "none", "encoder_sparsity": sparsity or "off",
+        **_pool(per), "wall_s": round(wall, 2), "rtfx": round(audio_s / wall, 2), "audio_s": round(audio_s, 1),
+        "peak_rss_mb": round(mon.peak / 2**20, 1),
+        "tokens_per_s": round(agg("tokens") / max(agg("decode_s"), 1e-9), 1),
+        "vad_s": agg("vad_s"), "encode_s": agg("encode_s"), "decode_s": agg("decode_s"), "stitch_s": agg("stitch_s"),
+        "chunks": int(agg("chunks")), "windows": int(agg("windows")), "fallbacks": int(agg("fallbacks")),
+        "batch_occupancy": round(slot_steps, 3), "wasted_row_frac": round(1 - slot_steps, 3),
+        "mean_active_rows": round(np.mean([s.get("mean_active_rows", 0) for s in stats]), 2),
+        "kv_logical": kv_log, "kv_physical": kv_phys,
+        "kv_kept_frac": round(kv_phys / kv_log, 3) if kv_log else None,
+        "kv_physical_peak_per_row": max((s.get("kv_physical_peak_per_row", 0) for s in stats), default=0),
+    }
+    return row
+
+
+def run_peer(items, peer: str, batch_size: int = 8, beam_size: int = 1) -> dict:
+    per, walls, peaks = [], 0.0, 0.0
+    for it in items:
+        if peer == "faster-whisper":
+            r = peers.faster_whisper_sequential(it.audio, beam_size=beam_size)
+        else:
+            r = peers.faster_whisper_batched(it.audio, batch_size=batch_size, beam_size=beam_size)
+        walls += r["wall_s"]
+        peaks = max(peaks, r["peak_rss_mb"])
+        if it.reference:
+            per.append(_wer(it.reference, r["text"]))
+    audio_s = sum(it.duration for it in items)
+    name = r["name"]
+    return {"name": name, "kind": "peer", "chunk_size": "vad" if "batched" in name else "full",
+            "batch_size": batch_size if "batched" in name else 1, "beam_size": beam_size,
+            **_pool(per), "wall_s": round(walls, 2), "rtfx": round(audio_s / walls, 2),
+            "audio_s": round(audio_s, 1), "peak_rss_mb": round(peaks, 1)}
+
+
+def _csv_list(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="accuracy-latency benchmark against peers, with a plot")
+    p.add_argument("--set", default="stitched", choices=SETS, help="benchmark set built from ../shared/data")
+    p.add_argument("--audio", help="benchmark any audio file instead of a built-in set")
+    p.add_argument("--ref", help="reference for --audio: text, SegLST, STM")
+    p.add_argument("--model", default="tiny.en")
+    p.add_argument("--chunk-sizes", default="30,120,full", help="comma list of 30,60,120,300,600,full")
+    p.add_argument("--batch-sizes", default="8", help="comma list")
+    p.add_argument("--beam-size", type=int, default=1)
+    p.add_argument("--kv-policies", default="none", help="comma list, e.g. none,output-window,duo")
+    p.add_argument("--kv-opt", action="append", default=[], help="key=value for the policies")
+    p.add_argument("--encoder-sparsities", default="off", help="comma list, e.g. off,1:0.5")
+    p.add_argument("--repeat", type=int, default=1, help="loop the stitched set N times")
+    p.add_argument("--peers", default="", help="comma list: faster-whisper,faster-whisper-batched")
+    p.add_argument("--peer-batch-size", type=int, default=8)
+    p.add_argument("--out", default="bench-out", help="folder for CSV, JSON and the PNG plot")
+    p.add_argument("--progress", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..transcribe import set_threads
+    set_threads()
+    console = Console(stderr=True)
+    items = [item_from_files(args.audio, args.ref)] if args.audio else load_set(args.set, args.repeat)
+    audio_s = sum(i.duration for i in items)
+    console.print(f"set: {args.audio or args.set} ×{args.repeat}: {len(items)} item(s), {audio_s / 60:.1f} min")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kv_opts = dict(o.split("=", 1) for o in args.kv_opt)
+    rows = []
+    for peer in _csv_list(args.peers):
+        console.print(f"running peer {peer} ...")
+        rows.append(run_peer(items, peer, args.peer_batch_size, args.beam_size))
+        console.print(_line(rows[-1]))
+    configs = itertools.product(_csv_list(args.chunk_sizes), [int(b) for b in _csv_list(args.batch_sizes)],
+                                _csv_list(args.kv_policies), _csv_list(args.encoder_sparsities))
+    for chunk, batch, kv, sp in configs:
+        console.print(f"running murmur chunk={chunk} batch={batch} kv={kv} sparsity={sp} ...")
+        rows.append(run_murmur(items, args.model, chunk, batch, args.beam_size, kv, kv_opts, sp, args.progress))
+        console.print(_line(rows[-1]))
+    front = set(pareto_front([(r["wall_s"], r["wer"] if r["wer"] is not None else 0) for r in rows]))
+    for i, r in enumerate(rows):
+        r["pareto"] = i in front
+    fastest_peer = min((r for r in rows if r["kind"] == "peer"), key=lambda r: r["wall_s"], default=None)
+    seq_peer = next((r for r in rows if r["kind"] == "peer" and r["chunk_size"] == "full"), None)
+    for r in rows:
+        if fastest_peer and r["kind"] == "murmur":
+            r["wall_vs_fastest_peer"] = round(r["wall_s"] / fastest_peer["wall_s"], 3)
+        if seq_peer and r["kind"] == "murmur":
+            r["wall_vs_seq_peer"] = round(r["wall_s"] / seq_peer["wall_s"], 3)
+            if r["wer"] is not None and seq_peer["wer"] is not None:
+                r["wer_minus_seq_peer"] = round(r["wer"] - seq_peer["wer"], 2)
+    write_csv(rows, out / "bench.csv")
+    write_json(rows, out / "bench.json")
+    if any(r["wer"] is not None for r in rows):
+        plot_accuracy_latency(rows, out / "bench.png",
+                              title=f"{args.model}, {args.audio or args.set} ({audio_s / 60:.1f} min)")
+    table = Table(title="murmur bench")
+    cols = ["name", "wer", "wall_s", "rtfx", "peak_rss_mb", "tokens_per_s", "vad_s", "encode_s", "decode_s",
+            "batch_occupancy", "wall_vs_fastest_peer", "wall_vs_seq_peer", "pareto"]
+    for c in cols:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[_fmt(r.get(c)) for c in cols])
+    Console().print(table)
+    console.print(f"wrote {out / 'bench.csv'}, {out / 'bench.json'}" +
+                  (f", {out / 'bench.png'}" if (out / "bench.png").exists() else ""))
+    return 0
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def _line(r: dict) -> str:
+    wer = f"{r['wer']:.2f}%" if r.get("wer") is not None else "-"
+    return f"  {r['name']}: WER {wer}, wall {r['wall_s']:.1f} s, RTFx {r['rtfx']}"
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="murmur")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    a = parser.parse_args()
+    sys.exit(a.func(a))
