@@ -53,8 +53,8 @@ class StreamScheduler:
         retry = stream.on_result(req)
         if retry is not None:
             self.retries.append(retry)
-        if stream.done and stream in self.open:
-            self.open.remove(stream)
+        if stream.done:  # by identity: ChunkStream's dataclass == compares its audio arrays
+            self.open = [s for s in self.open if s is not stream]
         self._progress(stream, before)
 
     def finished(self) -> bool:
