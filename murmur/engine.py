@@ -173,6 +173,10 @@ class Engine:
                         act.done[j] = True
         self.last_token[idx] = nxt
         st.push(idx, nxt, self.tok.timestamp_begin)
+        observe = getattr(self.cache.policy, "observe_tokens", None)
+        if observe is not None:  # KV policies that follow the transcript: frame of each row's last stamp, -1 if none
+            stamps = st.last_stamp[idx]
+            observe(self.cache, rows, torch.where(stamps >= 0, stamps - self.tok.timestamp_begin, -1))
         for act in acts:
             if all(act.done):
                 self._finish(act)

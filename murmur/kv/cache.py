@@ -30,6 +30,11 @@ class Step:
     cross_mask: Tensor | None  # [R, 1, 1, F] or None when every frame is kept
     cross_bias: Tensor | float  # additive form of cross_mask, for explicit softmax
     active: np.ndarray | None = None  # rows in [start, stop) that hold a request
+    # per-layer, per-head masks from a policy (DuoAttention): [R, H, T, length] / [R, H, 1, F].
+    # write_self / cross swap them in for their layer, so the model reads step.self_mask as always.
+    self_masks: list[Tensor] | None = None
+    cross_masks: list[Tensor] | None = None
+    cross_biases: list[Tensor] | None = None
 
 
 class KVCache:
@@ -47,10 +52,11 @@ class KVCache:
         self.fill = np.zeros(n_rows, dtype=np.int64)  # physical slots used
         self.pos = np.zeros(n_rows, dtype=np.int64)  # logical tokens seen
         self.frames = np.zeros(n_rows, dtype=np.int64)  # physical cross slots used
+        self.frames_logical = np.zeros(n_rows, dtype=np.int64)  # frames the row's window had
         self.n_ctx, self.n_frames, self.n_rows = n_ctx, n_frames, n_rows
         self.device = device
         self.policy = policy
-        self.stats = {"kv_logical": 0, "kv_physical": 0, "kv_physical_peak_per_row": 0}
+        self.stats = {"kv_logical": 0, "kv_physical": 0, "kv_physical_peak_per_row": 0, "kv_computed": 0}
         self._cross_all_kept = np.zeros(n_rows, dtype=bool)
 
     # --- rows --------------------------------------------------------------------------------
@@ -68,6 +74,7 @@ class KVCache:
             self.xk[layer, start:stop, :, :n] = k
             self.xv[layer, start:stop, :, :n] = v
         self.frames[start:stop] = n
+        self.frames_logical[start:stop] = n
         self.cross_keep[start:stop] = False
         self.cross_keep[start:stop, :n] = True
         self._cross_all_kept[start:stop] = True
@@ -87,7 +94,7 @@ class KVCache:
         self.xv[:, d, :, :fr] = self.xv[:, s, :, :fr]
         for t in (self.self_keep, self.cross_keep):
             t[d] = t[s]
-        for a in (self.fill, self.pos, self.frames, self._cross_all_kept):
+        for a in (self.fill, self.pos, self.frames, self.frames_logical, self._cross_all_kept):
             a[d] = a[s]
         if self.policy is not None:
             self.policy.move(self, src, dst, n)
@@ -135,9 +142,26 @@ class KVCache:
             cross_mask = self.cross_keep[start:stop, :fr][:, None, None, :]
             cross_bias = torch.zeros(cross_mask.shape, dtype=self.k.dtype, device=dev)
             cross_bias.masked_fill_(~cross_mask, float("-inf"))
-        return Step(start, stop, n_tokens, positions, slots, length, self_mask, fr, cross_mask, cross_bias, active)
+        step = Step(start, stop, n_tokens, positions, slots, length, self_mask, fr, cross_mask, cross_bias, active)
+        if self.policy is not None and getattr(self.policy, "per_head", False):
+            self._per_head(step)
+        return step
+
+    def _per_head(self, step: Step) -> None:
+        """AND the policy's per-layer, per-head masks into the step's masks (no-policy path never comes here)."""
+        sm = self.policy.per_head_self_mask(self, step)
+        if sm is not None:
+            step.self_masks = [step.self_mask & m for m in sm]
+        cm = self.policy.per_head_cross_mask(self, step)
+        if cm is not None:
+            base = step.cross_mask if step.cross_mask is not None else self.cross_keep[step.start:step.stop, :step.cross_len][:, None, None, :]
+            step.cross_masks = [base & m for m in cm]
+            step.cross_biases = [torch.zeros(m.shape, dtype=self.k.dtype, device=self.device).masked_fill_(~m, float("-inf"))
+                                 for m in step.cross_masks]
 
     def write_self(self, layer: int, step: Step, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if step.self_masks is not None:
+            step.self_mask = step.self_masks[layer]
         rows = torch.arange(step.start, step.stop, device=self.device)[:, None]
         kb, vb = self.k[layer], self.v[layer]
         # [R, H, T, D] -> scatter along the slot axis, per row
@@ -146,6 +170,8 @@ class KVCache:
         return kb[step.start:step.stop, :, :step.length], vb[step.start:step.stop, :, :step.length]
 
     def cross(self, layer: int, step: Step) -> tuple[Tensor, Tensor]:
+        if step.cross_masks is not None:
+            step.cross_mask, step.cross_bias = step.cross_masks[layer], step.cross_biases[layer]
         return (self.xk[layer, step.start:step.stop, :, :step.cross_len],
                 self.xv[layer, step.start:step.stop, :, :step.cross_len])
 
@@ -155,17 +181,24 @@ class KVCache:
         self.pos[step.start:step.stop] += inc
         if self.policy is not None:
             self.policy.after_step(self, step.start, step.stop)
-        self._account(step.start, step.stop)
+        self._account(step.start, step.stop, step.active, step)
 
-    def _account(self, start: int, stop: int) -> None:
-        n = stop - start
-        self.stats["kv_logical"] += int(self.pos[start:stop].sum() + self.frames[start:stop].sum())
-        kept_self = int(self.self_keep[start:stop].sum()) if self.policy is not None else int(self.fill[start:stop].sum())
-        kept_cross = (int(self.cross_keep[start:stop].sum()) if self.policy is not None
-                      else int(self.frames[start:stop].sum()))
-        self.stats["kv_physical"] += kept_self + kept_cross
-        if n:
-            peak = int((self.fill[start:stop] + self.frames[start:stop]).max())
-            if self.policy is not None:
-                peak = int((self.self_keep[start:stop].sum(1) + self.cross_keep[start:stop].sum(1)).max())
-            self.stats["kv_physical_peak_per_row"] = max(self.stats["kv_physical_peak_per_row"], peak)
+    def _account(self, start: int, stop: int, active: np.ndarray | None = None, step: Step | None = None) -> None:
+        """Per-step sums over the rows that hold a request, from host arrays only (no device sync).
+
+        kv_logical: tokens + frames the rows have seen; kv_physical: slots they occupy (fill + frames),
+        which shrink only when a policy compacts; kv_attended (with a policy): entries attention reads,
+        head-averaged, which logical (mask-only) eviction and per-head policies lower; kv_computed:
+        entries the batched attention spans (every row of the step over the longest row's slots).
+        """
+        sel = slice(start, stop) if active is None else np.flatnonzero(active) + start
+        phys = self.fill[sel] + self.frames[sel]
+        if not len(phys):
+            return
+        self.stats["kv_logical"] += int(self.pos[sel].sum() + self.frames_logical[sel].sum())
+        self.stats["kv_physical"] += int(phys.sum())
+        self.stats["kv_physical_peak_per_row"] = max(self.stats["kv_physical_peak_per_row"], int(phys.max()))
+        if step is not None:
+            self.stats["kv_computed"] += (stop - start) * (step.length + step.cross_len)
+        if self.policy is not None and hasattr(self.policy, "attended"):
+            self.stats["kv_attended"] = self.stats.get("kv_attended", 0) + int(self.policy.attended(self, sel))
