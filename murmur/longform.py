@@ -39,7 +39,7 @@ class TimeMap:
         return float(self.dst[i] + (t - self.src[i]))
 
 
-@dataclass
+@dataclass(eq=False)  # streams are compared by identity
 class ChunkStream:
     audio: np.ndarray
     tokenizer: Tokenizer
@@ -57,6 +57,9 @@ class ChunkStream:
     fallbacks: int = 0
     skipped_no_speech: int = 0
     dropped_repetitive: int = 0
+    # opt-in word timestamps (murmur.timing), aligned per window from its encoder output
+    word_timestamps: bool = False
+    model: object = None  # the LoadedModel that decodes; word timing runs it once more per window
 
     def __post_init__(self):
         self.mel: torch.Tensor | None = None
@@ -67,6 +70,7 @@ class ChunkStream:
             self.all_tokens = self.tokenizer.encode(" " + self.options.initial_prompt.strip())
         self.done = self.content_frames == 0
         self.seconds_done = 0.0
+        self.last_speech = 0.0  # end of the last word, for timing's pause heuristics
 
     @property
     def duration(self) -> float:
@@ -181,12 +185,27 @@ class ChunkStream:
                 duration = (stamps[-1] - tsb) * TIME_PRECISION
             add(offset, offset + duration, tokens)
             advance = size
+        if self.word_timestamps and new:
+            self._add_words(req, new, offset, size)
         self.segments.extend(new)
         for s in new:
             self.all_tokens.extend(s.tokens)  # with timestamps, as openai-whisper prompts
         if not o.condition_on_previous_text or temp > o.prompt_reset_on_temperature:
             self.prompt_reset_since = len(self.all_tokens)
         self._move(advance if advance > 0 else size)  # always move forward: no loops
+
+    def _add_words(self, req: Request, new: list[Segment], offset: float, size: int) -> None:
+        from .timing import add_word_timestamps
+        model = self.model.model
+        feats = req.features
+        if feats is None or feats.shape[1] != model.dims.n_audio_ctx:
+            # a frame-dropping encoder hook ran: frame indices no longer map to time, so re-encode
+            with torch.inference_mode():
+                feats = model.encoder(req.mel[None].to(model.device, model.dtype))
+        self.last_speech = add_word_timestamps(
+            self.model, new, feats, tokenizer=self.tokenizer, time_offset=offset, num_frames=size,
+            time_map=self.time_map, last_speech_timestamp=self.last_speech,
+            floor=self.segments[-1].end if self.segments else None)
 
     def _move(self, frames: int) -> None:
         self.seek = min(self.seek + frames, self.content_frames)
