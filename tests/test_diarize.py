@@ -1,0 +1,182 @@
+"""Speaker diarization on real speech, and speaker assignment on hand-made segments."""
+import socket
+
+import numpy as np
+import pytest
+
+from murmur import diarize as D
+from murmur.diarize import DiarizeOptions, assign_speakers, diarize
+from murmur.types import Segment, Turn, Word
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def dialogue(data_dir):
+    """LJSpeech (speaker A) and the TED talk (speaker B) alternating, 2 turns each, 0.4 s apart.
+    Returns the audio and the true (start, end, speaker) turns."""
+    from murmur.audio import load_audio
+
+    ted = load_audio(data_dir / "ted" / "bill_gates-TED.mp3")
+    parts = [
+        ("A", load_audio(data_dir / "ljspeech" / "LJ001-0001.flac")),
+        ("B", ted[2 * SR:12 * SR]),
+        ("A", load_audio(data_dir / "ljspeech" / "LJ001-0003.flac")),
+        ("B", ted[20 * SR:30 * SR]),
+    ]
+    gap = np.zeros(int(0.4 * SR), np.float32)
+    audio, truth, t = [], [], 0.0
+    for who, x in parts:
+        audio += [x, gap]
+        truth.append((t, t + len(x) / SR, who))
+        t += (len(x) + len(gap)) / SR
+    return np.concatenate(audio), truth
+
+
+@pytest.fixture(scope="module")
+def dialogue_turns(dialogue):
+    return diarize(dialogue[0])
+
+
+def _speaker_at(turns, t):
+    hits = [x.speaker for x in turns if x.start <= t < x.end]
+    return hits[0] if hits else None
+
+
+def test_two_speakers_found_with_boundaries(dialogue, dialogue_turns):
+    _, truth = dialogue
+    turns = dialogue_turns
+    assert {x.speaker for x in turns} == {"SPEAKER_00", "SPEAKER_01"}
+    assert turns[0].speaker == "SPEAKER_00"  # named by first appearance
+    assert all(a.start <= b.start for a, b in zip(turns, turns[1:]))
+    # every speaker change lies within 1 s of a true change (the middle of the 0.4 s gap)
+    changes = [b.start for a, b in zip(turns, turns[1:]) if a.speaker != b.speaker]
+    true_changes = [(a[1] + b[0]) / 2 for a, b in zip(truth, truth[1:])]
+    assert len(changes) == len(true_changes)
+    for c, t in zip(changes, true_changes):
+        assert abs(c - t) <= 1.0, (changes, true_changes)
+    # and inside each true turn, one label, the same one for both turns of a speaker
+    label = {}
+    for s, e, who in truth:
+        inside = {_speaker_at(turns, t) for t in np.arange(s + 1.0, e - 1.0, 0.25)} - {None}
+        assert len(inside) == 1, (s, e, inside)
+        assert label.setdefault(who, inside.pop()) == _speaker_at(turns, (s + e) / 2)
+    assert label == {"A": "SPEAKER_00", "B": "SPEAKER_01"}
+
+
+def test_global_speaker_map_across_chunks(dialogue, dialogue_turns):
+    """Diarize once, then slice the turns into 15 s chunks as the transcriber would: a speaker
+    keeps its label in every chunk (the map is global, never rebuilt per chunk)."""
+    audio, truth = dialogue
+    dur = len(audio) / SR
+    seen: dict[str, set] = {"A": set(), "B": set()}
+    for c0 in np.arange(0, dur, 15.0):
+        c1 = min(dur, c0 + 15.0)
+        chunk = [Turn(max(t.start, c0), min(t.end, c1), t.speaker)
+                 for t in dialogue_turns if t.end > c0 and t.start < c1]
+        for s, e, who in truth:
+            for t in np.arange(max(s, c0) + 0.5, min(e, c1) - 0.5, 0.5):
+                if (sp := _speaker_at(chunk, t)) is not None:
+                    seen[who].add(sp)
+    assert seen == {"A": {"SPEAKER_00"}, "B": {"SPEAKER_01"}}
+    # segments transcribed chunk by chunk get the same names from the one global turn list
+    segs = [Segment(s + 1, e - 1, f" turn {i}") for i, (s, e, _) in enumerate(truth)]
+    assert [x.speaker for x in assign_speakers(segs, dialogue_turns)] == [
+        "SPEAKER_00", "SPEAKER_01", "SPEAKER_00", "SPEAKER_01"]
+
+
+def test_num_speakers_one_forces_one_label(dialogue):
+    turns = diarize(dialogue[0], num_speakers=1)
+    assert turns and {x.speaker for x in turns} == {"SPEAKER_00"}
+    assert diarize(dialogue[0], max_speakers=1)[0].speaker == "SPEAKER_00"
+
+
+def test_given_regions_and_num_speakers(dialogue):
+    audio, truth = dialogue
+    turns = diarize(audio, regions=[(s, e) for s, e, _ in truth], num_speakers=2)
+    assert {x.speaker for x in turns} == {"SPEAKER_00", "SPEAKER_01"}
+    # no turn outside the given regions
+    assert all(any(s - 1e-6 <= x.start and x.end <= e + 1e-6 for s, e, _ in truth) for x in turns)
+
+
+def test_silence_and_noise_give_no_turns():
+    assert diarize(np.zeros(10 * SR, np.float32)) == []
+    assert diarize(np.zeros(0, np.float32)) == []
+    assert diarize(np.zeros(SR, np.float32), regions=[]) == []
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        diarize(np.zeros(SR, np.float32), num_speakers=0)
+    with pytest.raises(ValueError):
+        diarize(np.zeros(SR, np.float32), min_speakers=3, max_speakers=2)
+
+
+def test_encoder_loads_offline_and_matches_resemblyzer_mel(monkeypatch):
+    """The GE2E weights come from the installed package; loading opens no socket."""
+    def no_network(*a, **k):
+        raise AssertionError("the speaker encoder tried to open a socket")
+
+    monkeypatch.setattr(D, "_ENCODER", None)
+    monkeypatch.setattr(socket, "socket", no_network)
+    enc = D.load_encoder()
+    x = np.random.default_rng(0).standard_normal(3 * SR).astype(np.float32) * 0.005  # -46 dBFS: gets raised
+    mel = D.mel_frames(x)
+    assert mel.shape == (3 * SR // 160 + 1, 40)
+    e = D.embed_windows(mel, [(0, 150), (100, 250)])
+    assert e.shape == (2, 256) and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    assert enc is D.load_encoder()
+    librosa = pytest.importorskip("librosa")
+    ref = librosa.feature.melspectrogram(y=x * 10 ** ((-30 - 10 * np.log10(np.mean(x ** 2))) / 20),
+                                         sr=SR, n_fft=400, hop_length=160, n_mels=40)
+    assert np.allclose(mel.numpy(), ref.T, rtol=1e-4, atol=1e-6 * ref.max())
+
+
+# --- assign_speakers on hand-made input -------------------------------------------------------
+
+def _w(s, e, text):
+    return Word(s, e, text)
+
+
+TURNS = [Turn(0.0, 2.0, "SPEAKER_00"), Turn(2.0, 4.0, "SPEAKER_01"), Turn(6.0, 8.0, "SPEAKER_00")]
+
+
+def test_words_take_speaker_of_most_overlap_and_segments_split():
+    seg = Segment(0.0, 4.0, " Hello there. General Kenobi.", words=[
+        _w(0.0, 0.5, " Hello"), _w(0.6, 1.2, " there."),
+        _w(1.8, 2.6, " General"),  # 0.2 s with 00, 0.6 s with 01
+        _w(2.7, 3.5, " Kenobi.")], tokens=[1, 2, 3], avg_logprob=-0.2)
+    out = assign_speakers([seg], TURNS)
+    assert [(s.start, s.end, s.text, s.speaker) for s in out] == [
+        (0.0, 1.2, " Hello there.", "SPEAKER_00"), (1.8, 3.5, " General Kenobi.", "SPEAKER_01")]
+    assert [w.speaker for w in out[0].words + out[1].words] == ["SPEAKER_00"] * 2 + ["SPEAKER_01"] * 2
+    assert out[1].avg_logprob == -0.2 and out[1].tokens == []
+    assert seg.speaker is None and seg.words[0].speaker is None  # inputs untouched
+
+
+def test_unsplit_segment_keeps_its_text_and_times():
+    seg = Segment(6.0, 7.9, " One voice.", words=[_w(6.1, 6.5, " One"), _w(6.6, 7.5, " voice.")],
+                  tokens=[7, 8])
+    (out,) = assign_speakers([seg], TURNS)
+    assert (out.start, out.end, out.text, out.speaker, out.tokens) == (
+        6.0, 7.9, " One voice.", "SPEAKER_00", [7, 8])
+
+
+def test_word_without_overlap_takes_nearest_turn():
+    seg = Segment(4.2, 5.8, " a b", words=[_w(4.2, 4.4, " a"), _w(5.5, 5.8, " b")])
+    out = assign_speakers([seg], TURNS)  # gap 4..6: "a" is nearer turn 2, "b" nearer turn 3
+    assert [(s.text, s.speaker) for s in out] == [(" a", "SPEAKER_01"), (" b", "SPEAKER_00")]
+    (zero,) = assign_speakers([Segment(3.0, 3.0, " x", words=[_w(3.0, 3.0, " x")])], TURNS)
+    assert zero.speaker == "SPEAKER_01"  # a zero-length word inside a turn belongs to it
+
+
+def test_segments_without_words_and_overlapping_turns():
+    turns = [Turn(0.0, 10.0, "SPEAKER_00"), Turn(2.0, 3.0, "SPEAKER_01"),
+             Turn(3.5, 4.5, "SPEAKER_01"), Turn(11.0, 12.0, "SPEAKER_01")]
+    segs = [Segment(2.0, 4.0, " mostly zero"), Segment(10.2, 10.4, " gap"),
+            Segment(11.0, 12.0, " one")]
+    out = assign_speakers(segs, turns)
+    # 2..4: SPEAKER_00 overlaps 2 s, SPEAKER_01 1.5 s over two turns; 10.2..10.4: nearest is 00
+    assert [s.speaker for s in out] == ["SPEAKER_00", "SPEAKER_00", "SPEAKER_01"]
+    assert assign_speakers(segs, []) == segs
+    assert assign_speakers([], turns) == []
