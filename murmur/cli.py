@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -25,6 +26,16 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
                    help="do not carry each window's text as the next window's prompt")
     p.add_argument("--temperature", type=float, default=None, help="single temperature (disables fallback)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--kv-policy", default="none",
+                   help="none|output-window|speech-window|speech-follow|duo; combine with +")
+    p.add_argument("--kv-opt", action="append", default=[], metavar="KEY=VALUE", help="policy parameter")
+    p.add_argument("--encoder-sparsity", default="off", help="LAYER:FRACTION of encoder frames to drop, or off")
+    p.add_argument("--word-timestamps", action="store_true", help="add words with start, end, probability")
+    p.add_argument("--diarize", action=argparse.BooleanOptionalAction, default=None,
+                   help="label speakers (default: on for seglst/rttm/stm, off otherwise)")
+    p.add_argument("--num-speakers", type=int, default=None)
+    p.add_argument("--min-speakers", type=int, default=1)
+    p.add_argument("--max-speakers", type=int, default=None)
 
 
 def _decode_kwargs(args) -> dict:
@@ -33,6 +44,15 @@ def _decode_kwargs(args) -> dict:
               condition_on_previous_text=not args.no_condition_on_previous_text)
     if args.temperature is not None:
         kw["temperature"] = (args.temperature,)
+    kv_opts = {}
+    for o in args.kv_opt:
+        if "=" not in o:
+            raise MurmurError(f"--kv-opt {o!r}: expected KEY=VALUE")
+        k, v = o.split("=", 1)
+        kv_opts[k.strip()] = v.strip()
+    kw.update(kv_policy=args.kv_policy, kv_opts=kv_opts, encoder_sparsity=args.encoder_sparsity,
+              word_timestamps=args.word_timestamps, num_speakers=args.num_speakers,
+              min_speakers=args.min_speakers, max_speakers=args.max_speakers)
     return kw
 
 
@@ -51,6 +71,7 @@ def cmd_transcribe(args) -> int:
     loaded = get_model(args.model, args.device)
     kw = _decode_kwargs(args)
     kw["model"] = loaded
+    kw["diarize"] = args.diarize if args.diarize is not None else args.format in ("seglst", "rttm", "stm")
     failures = 0
     for f in files:
         try:
@@ -74,6 +95,21 @@ def cmd_transcribe(args) -> int:
     return 1 if failures else 0
 
 
+def cmd_analyze(args) -> int:
+    from .analyze import analyze_attention
+    res = analyze_attention(args.audio, model=args.model, out_dir=args.out, max_windows=args.max_windows)
+    print(res["table"])
+    print(f"wrote {res.get('png')}, {res.get('json')}", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate_duo(args) -> int:
+    from .duo import calibrate_duo
+    res = calibrate_duo(args.model, args.audio or None, args.out)
+    print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(prog="murmur", description="Long-form speech recognition, offline.")
@@ -88,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default="-", help="file, folder, or - for stdout (default)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser("analyze", help="evidence behind the KV policies")
+    asub = p.add_subparsers(dest="what", required=True)
+    a = asub.add_parser("attention", help="how local each layer's and head's attention is: table + heat-map PNG")
+    a.add_argument("audio")
+    a.add_argument("--model", default="tiny.en")
+    a.add_argument("--out", default="attention-out", help="folder for attention.txt/.json/.png")
+    a.add_argument("--max-windows", type=int, default=4)
+    a.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("calibrate-duo", help="re-score DuoAttention retrieval/streaming heads on unlabelled audio")
+    p.add_argument("audio", nargs="*", help="audio files (default: ../shared/data/librispeech_other_noref)")
+    p.add_argument("--model", default="tiny.en")
+    p.add_argument("--out", default=None, help="head-map JSON (default: the user cache, used by --kv-policy duo)")
+    p.set_defaults(func=cmd_calibrate_duo)
 
     from .bench.run import add_parser as add_bench
     from .cli_eval import add_parser as add_eval

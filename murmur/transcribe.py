@@ -71,8 +71,11 @@ def plan_chunks(audio: np.ndarray, chunk_size: float | None, vad_options=None) -
     if chunk_size is None:
         return [ChunkPlan(audio, TimeMap.identity(0.0))], 0.0
     from .chunker import make_chunks
-    from .vad import speech_regions
+    from .vad import VadOptions, speech_regions
     t0 = time.perf_counter()
+    # more permissive than Silero's defaults: on AMI's distant talkers this halves missed speech
+    # (measured for diarization), and a missed region is words lost for good
+    vad_options = vad_options or VadOptions(threshold=0.3, speech_pad_s=0.2, min_silence_s=0.3)
     regions = speech_regions(audio, SAMPLE_RATE, vad_options)
     chunks = make_chunks(regions, chunk_size, audio=audio, sr=SAMPLE_RATE)
     plans = []
@@ -105,11 +108,23 @@ def transcribe(
     device: str | None = None,
     vad_options=None,
     kv_policy=None,
+    kv_opts: dict[str, str] | None = None,
+    encoder_sparsity: str | None = None,
     encoder_hooks=(),
+    word_timestamps: bool = False,
+    diarize: bool = False,
+    num_speakers: int | None = None,
+    min_speakers: int = 1,
+    max_speakers: int | None = None,
+    queue_limit: int | None = None,
     **decode_kw,
 ) -> Transcript:
     """Transcribe one recording. `chunk_size` None/'full' is sequential mode; seconds cut at silences.
 
+    `kv_policy` is a policy object or a spec such as 'output-window+speech-follow' (with `kv_opts`);
+    `encoder_sparsity` is 'LAYER:FRACTION' or 'off'. `diarize` labels words and segments with one
+    speaker map for the whole recording (and turns on word timestamps). `queue_limit` bounds how many
+    chunks hold their features at once (default: twice the batch size).
     Extra keyword arguments are DecodingOptions fields (temperature, initial_prompt, ...).
     """
     set_threads()
@@ -137,13 +152,23 @@ def transcribe(
     tok.language = lang
     if not tok.multilingual and lang != "en":
         raise MurmurError(f"model {loaded.name} is English-only; language {lang!r} is not supported")
+    if isinstance(kv_policy, str):
+        from .kv.policies import parse_kv_policy
+        kv_policy = parse_kv_policy(kv_policy, kv_opts, loaded)
+    hooks = list(encoder_hooks)
+    if encoder_sparsity:
+        from .sparsify import parse_encoder_sparsity
+        hooks += parse_encoder_sparsity(encoder_sparsity, loaded)
+    word_timestamps = word_timestamps or diarize
     plans, vad_s = plan_chunks(audio, chunk_size, vad_options)
     streams = [ChunkStream(p.audio, tok, opts, p.time_map, index=i, n_text_ctx=loaded.model.dims.n_text_ctx,
-                           language=lang) for i, p in enumerate(plans)]
-    engine = Engine(loaded, opts, batch_size=batch_size, kv_policy=kv_policy, encoder_hooks=encoder_hooks)
+                           language=lang, word_timestamps=word_timestamps, model=loaded)
+               for i, p in enumerate(plans)]
+    engine = Engine(loaded, opts, batch_size=batch_size, kv_policy=kv_policy, encoder_hooks=hooks)
     speech_total = sum(len(p.audio) for p in plans) / SAMPLE_RATE
     bar = _progress(progress, speech_total, source)
-    scheduler = StreamScheduler(streams, max_open=2 * engine.batch_size, on_progress=bar.advance if bar else None)
+    scheduler = StreamScheduler(streams, max_open=queue_limit or 2 * engine.batch_size,
+                                on_progress=bar.advance if bar else None)
     try:
         engine.run(scheduler)
     finally:
@@ -153,6 +178,15 @@ def transcribe(
     from .stitcher import stitch
     segments = stitch([s.segments for s in streams])
     stitch_s = time.perf_counter() - t_stitch
+    turns, diarize_s = [], 0.0
+    if diarize:
+        from .diarize import assign_speakers
+        from .diarize import diarize as run_diarization
+        t_d = time.perf_counter()
+        turns = run_diarization(audio, num_speakers=num_speakers, min_speakers=min_speakers,
+                                max_speakers=max_speakers)
+        segments = assign_speakers(segments, turns)
+        diarize_s = time.perf_counter() - t_d
     wall = time.perf_counter() - t_start
     stats = {
         "wall_s": round(wall, 3),
@@ -167,6 +201,8 @@ def transcribe(
         "encode_s": round(engine.stats["encode_s"], 3),
         "decode_s": round(engine.stats["decode_s"], 3),
         "stitch_s": round(stitch_s, 4),
+        "diarize_s": round(diarize_s, 3),
+        "speakers": len({t.speaker for t in turns}),
         "tokens": engine.stats["tokens"],
         "tokens_per_s": round(engine.stats["tokens"] / max(engine.stats["decode_s"], 1e-9), 1),
         "batch_size": engine.batch_size,
@@ -178,7 +214,7 @@ def transcribe(
     }
     text = "".join(s.text for s in segments).strip()
     return Transcript(text=text, duration=duration, model=loaded.name, segments=segments, language=lang,
-                      stats=stats, source=source)
+                      stats=stats, source=source, turns=turns)
 
 
 def _peak_rss_mb() -> float:

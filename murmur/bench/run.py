@@ -56,8 +56,21 @@ def _pool(rows: list[dict]) -> dict:
     return {"wer": 100 * err / n if n else None, "errors": err, "ref_words": n}
 
 
+def speaker_scores(item: dataset.Item, result) -> dict:
+    """cpWER, tcpWER (5 s collar) and DER (0.25 s collar) where the item has speaker references."""
+    from ..scoring import cpwer, der, tcpwer
+    from ..writers import seglst
+    ref = [dict(e, session_id=item.name) for e in item.ref_segments]
+    hyp = [dict(e, session_id=item.name) for e in seglst(result)]
+    ref_turns = [(e["start_time"], e["end_time"], e["speaker"]) for e in ref]
+    out = {"cpwer": 100 * cpwer(ref, hyp)["wer"], "tcpwer": 100 * tcpwer(ref, hyp)["wer"]}
+    if result.turns:
+        out["der"] = 100 * der(ref_turns, result.turns)["der"]
+    return out
+
+
 def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None, kv_opts=None,
-               sparsity=None, progress=False) -> dict:
+               sparsity=None, progress=False, diarize=False) -> dict:
     from ..transcribe import get_model, transcribe
     loaded = get_model(model)
     extra = {}
@@ -67,7 +80,7 @@ def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None
     if sparsity and sparsity != "off":
         from ..sparsify import parse_encoder_sparsity
         extra["encoder_hooks"] = parse_encoder_sparsity(sparsity)
-    per, stats = [], []
+    per, stats, spk = [], [], []
     mon = peers._PeakRSS()
     with mon.watch():
         t0 = time.perf_counter()
@@ -76,10 +89,13 @@ def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None
                 from ..kv.policies import parse_kv_policy
                 extra["kv_policy"] = parse_kv_policy(kv_policy, kv_opts or {}, loaded)
             r = transcribe(it.audio, loaded, chunk_size=chunk_size, batch_size=batch_size,
-                           beam_size=beam_size, progress=progress, **extra)
+                           beam_size=beam_size, progress=progress, diarize=diarize and bool(it.ref_segments),
+                           **extra)
             stats.append(r.stats)
             if it.reference:
                 per.append(_wer(it.reference, r.text))
+            if diarize and it.ref_segments:
+                spk.append(speaker_scores(it, r))
         wall = time.perf_counter() - t0
     audio_s = sum(it.duration for it in items)
     agg = lambda k: round(sum(s.get(k) or 0 for s in stats), 3)  # noqa: E731
@@ -101,7 +117,11 @@ def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None
         "kv_logical": kv_log, "kv_physical": kv_phys,
         "kv_kept_frac": round(kv_phys / kv_log, 3) if kv_log else None,
         "kv_physical_peak_per_row": max((s.get("kv_physical_peak_per_row", 0) for s in stats), default=0),
+        "diarize_s": agg("diarize_s"),
     }
+    for k in ("cpwer", "tcpwer", "der"):
+        vals = [x[k] for x in spk if k in x]
+        row[k] = round(float(np.mean(vals)), 2) if vals else None
     return row
 
 
@@ -145,6 +165,8 @@ def add_parser(sub) -> None:
     p.add_argument("--peer-batch-size", type=int, default=8)
     p.add_argument("--out", default="bench-out", help="folder for CSV, JSON and the PNG plot")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--diarize", action="store_true",
+                   help="label speakers and report cpWER/tcpWER/DER where the set has speaker references")
     p.set_defaults(func=cmd_bench)
 
 
@@ -170,7 +192,8 @@ def cmd_bench(args) -> int:
                                 _csv_list(args.kv_policies), _csv_list(args.encoder_sparsities))
     for chunk, batch, kv, sp in configs:
         console.print(f"running murmur chunk={chunk} batch={batch} kv={kv} sparsity={sp} ...")
-        rows.append(run_murmur(items, args.model, chunk, batch, args.beam_size, kv, kv_opts, sp, args.progress))
+        rows.append(run_murmur(items, args.model, chunk, batch, args.beam_size, kv, kv_opts, sp, args.progress,
+                               args.diarize))
         console.print(_line(rows[-1]))
     front = set(pareto_front([(r["wall_s"], r["wer"] if r["wer"] is not None else 0) for r in rows]))
     for i, r in enumerate(rows):
@@ -190,12 +213,13 @@ def cmd_bench(args) -> int:
         plot_accuracy_latency(rows, out / "bench.png",
                               title=f"{args.model}, {args.audio or args.set} ({audio_s / 60:.1f} min)")
     table = Table(title="murmur bench")
-    cols = ["name", "wer", "wall_s", "rtfx", "peak_rss_mb", "tokens_per_s", "vad_s", "encode_s", "decode_s",
+    shown = [c for c in cols if any(r.get(c) is not None for r in rows)]
+    cols = ["name", "wer", "cpwer", "tcpwer", "der", "wall_s", "rtfx", "peak_rss_mb", "tokens_per_s", "vad_s", "encode_s", "decode_s",
             "batch_occupancy", "wall_vs_fastest_peer", "wall_vs_seq_peer", "pareto"]
-    for c in cols:
+    for c in shown:
         table.add_column(c)
     for r in rows:
-        table.add_row(*[_fmt(r.get(c)) for c in cols])
+        table.add_row(*[_fmt(r.get(c)) for c in cols if c in shown])
     Console().print(table)
     console.print(f"wrote {out / 'bench.csv'}, {out / 'bench.json'}" +
                   (f", {out / 'bench.png'}" if (out / "bench.png").exists() else ""))
