@@ -120,6 +120,9 @@ class TextDecoder(nn.Module):
         self.blocks = nn.ModuleList(ResidualAttentionBlock(d.n_text_state, d.n_text_head, cross_attention=True)
                                     for _ in range(d.n_text_layer))
         self.ln = nn.LayerNorm(d.n_text_state)
+        # logit projection; None uses the tied token embedding. An int8 copy goes here on CPU, where
+        # reading the 51k x C fp32 embedding every step is the largest single cost of a decode step.
+        self.output: nn.Module | None = None
 
     def cross_kv(self, features: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Project encoder features once per window into every layer's cross-attention K and V."""
@@ -159,6 +162,8 @@ class TextDecoder(nn.Module):
             x = x + block.mlp(block.mlp_ln(x))
         cache.commit(step)
         x = self.ln(x)
+        if self.output is not None:
+            return self.output(x).float()
         return (x @ self.token_embedding.weight.to(x.dtype).T).float()
 
 

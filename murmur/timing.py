@@ -43,7 +43,7 @@ SENTENCE_END_MARKS = ".。!！?？"
 SPAN_MARGIN = 0.5  # s of audio past the text's last timestamp that its words may still take
 _NO_SPACE_LANGUAGES = {"zh", "ja", "th", "lo", "my", "yue"}
 # Heads picked by scripts/alignment_heads.py on the 13 AMI clips (best single heads by median start
-# error, top-k by the pooled curve). Not applied by default: pass heads= or set model.alignment_heads.
+# error, top-k by the pooled curve). The default for the bundled models; `heads=` overrides.
 # tiny.en: median |start error| 0.105 -> 0.050 s vs the bundled set (also on held-out halves);
 # base: 0.060 -> 0.050 s, within the 0.02 s frame step, so the bundled set is fine there.
 MEASURED_ALIGNMENT_HEADS = {
@@ -164,7 +164,7 @@ def split_words(tokenizer, tokens: Sequence[int]) -> tuple[list[str], list[list[
 
 # --- attention -----------------------------------------------------------------------------------
 def _heads(loaded, heads) -> list[tuple[int, int]]:
-    hs = heads if heads is not None else loaded.model.alignment_heads
+    hs = heads if heads is not None else (MEASURED_ALIGNMENT_HEADS.get(loaded.name) or loaded.model.alignment_heads)
     if not hs:
         d = loaded.model.dims  # openai's default when a model names none: every head of the top half
         hs = [(layer, h) for layer in range(d.n_text_layer // 2, d.n_text_layer) for h in range(d.n_text_head)]

@@ -23,13 +23,13 @@ from .types import Segment, Transcript
 _MODELS: dict[tuple, LoadedModel] = {}
 
 
-def get_model(model: str | LoadedModel, device: str | None = None) -> LoadedModel:
+def get_model(model: str | LoadedModel, device: str | None = None, compute_type: str = "auto") -> LoadedModel:
     """Load once per process: the CLI, the server and the benchmark share weights."""
     if isinstance(model, LoadedModel):
         return model
-    key = (str(model), device)
+    key = (str(model), device, compute_type)
     if key not in _MODELS:
-        _MODELS[key] = load_model(model, device=device)
+        _MODELS[key] = load_model(model, device=device, compute_type=compute_type)
     return _MODELS[key]
 
 
@@ -99,13 +99,14 @@ def transcribe(
     audio: str | os.PathLike | np.ndarray | bytes,
     model: str | LoadedModel = "tiny.en",
     *,
-    chunk_size: float | str | None = None,
-    batch_size: int = 8,
+    chunk_size: float | str | None = 30,
+    batch_size: int = 16,
     language: str | None = None,
     beam_size: int = 1,
     options: DecodingOptions | None = None,
     progress: bool | Callable[[float, float], None] = False,
     device: str | None = None,
+    compute_type: str = "auto",
     vad_options=None,
     kv_policy=None,
     kv_opts: dict[str, str] | None = None,
@@ -119,7 +120,8 @@ def transcribe(
     queue_limit: int | None = None,
     **decode_kw,
 ) -> Transcript:
-    """Transcribe one recording. `chunk_size` None/'full' is sequential mode; seconds cut at silences.
+    """Transcribe one recording. `chunk_size` None/'full' is sequential mode; seconds cut at silences
+    (default 30, the best measured; see the README's benchmark).
 
     `kv_policy` is a policy object or a spec such as 'output-window+speech-follow' (with `kv_opts`);
     `encoder_sparsity` is 'LAYER:FRACTION' or 'off'. `diarize` labels words and segments with one
@@ -129,7 +131,7 @@ def transcribe(
     """
     set_threads()
     t_start = time.perf_counter()
-    loaded = get_model(model, device)
+    loaded = get_model(model, device, compute_type)
     source = None
     if not isinstance(audio, np.ndarray):
         source = str(audio) if not isinstance(audio, (bytes, bytearray)) else None

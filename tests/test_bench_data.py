@@ -112,10 +112,10 @@ def test_pareto_front():
 
 
 def test_plot_and_dumps(tmp_path):
-    rows = [dict(name="a", wer=0.12, wall_s=30.0, kind="murmur"),
-            dict(name="b", wer=0.10, wall_s=60.0, kind="murmur"),
-            dict(name="fw seq", wer=0.11, wall_s=90.0, kind="peer", segments=[{"x": 1}]),
-            dict(name="fw batched", wer=0.15, wall_s=20.0, kind="peer")]
+    rows = [dict(name="a", wer=12.0, wall_s=30.0, kind="murmur"),
+            dict(name="b", wer=10.0, wall_s=60.0, kind="murmur"),
+            dict(name="fw seq", wer=11.0, wall_s=90.0, kind="peer", segments=[{"x": 1}]),
+            dict(name="fw batched", wer=15.0, wall_s=20.0, kind="peer")]
     png = plot_accuracy_latency(rows, tmp_path / "f" / "plot.png")
     data = png.read_bytes()
     assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"

@@ -24,7 +24,7 @@ JFK = ("And so, my fellow Americans, ask not what your country can do for you; "
 
 @pytest.fixture(scope="module")
 def tiny():
-    return murmur.load_model("tiny.en")
+    return murmur.load_model("tiny.en", compute_type="float32")  # exact checks against the reference
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +187,12 @@ def test_long_silence_is_empty_and_quick(tmp_path, tiny):
     # 20 min of digital silence in sequential mode: no hallucinated "you you you", no decoding at all
     r = murmur.transcribe(np.zeros(16000 * 1200, dtype=np.float32), tiny)
     assert r.text == "" and r.segments == [] and r.stats["windows"] == 0
+
+
+def test_int8_matches_float32_on_jfk(tiny, jfk_audio):
+    """Dynamic int8 (every Linear and the tied logit head) must not change a clean transcript."""
+    q = murmur.load_model("tiny.en", compute_type="int8")
+    assert q.compute_type == "int8" and q.model.decoder.output is not None
+    assert murmur.transcribe(jfk_audio, q).text == murmur.transcribe(jfk_audio, tiny).text
+    with pytest.raises(ModelError, match="compute type"):
+        murmur.load_model("tiny.en", compute_type="int4")

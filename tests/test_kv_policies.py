@@ -276,7 +276,7 @@ def test_physical_kv_bounded_on_long_full_chunk(tiny, clips):
     from murmur.transcribe import transcribe
     audio = np.tile(np.concatenate([clips["lj"], clips["jfk"]]), 3)[: 90 * 16000]
     pol = parse_kv_policy("output-window+speech-window", {"sink": "4", "window": "32", "block": "16"})
-    t = transcribe(audio, tiny, kv_policy=pol, temperature=0.0)
+    t = transcribe(audio, tiny, chunk_size=None, kv_policy=pol, temperature=0.0)
     ow = pol.policies[0]
     assert t.stats["windows"] >= 3
     assert t.stats["kv_physical_peak_per_row"] <= ow.budget() + 1500

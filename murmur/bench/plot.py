@@ -30,7 +30,7 @@ def _is_peer(row) -> bool:
 
 
 def plot_accuracy_latency(rows: list[dict], path, title: str | None = None):
-    """WER (%) against wall time (s); ``rows`` have name, wer (fraction), wall_s, kind.
+    """WER (%) against wall time (s); ``rows`` have name, wer (percent, as bench rows), wall_s, kind.
 
     Rows with kind "peer" get their own marker/colour; the Pareto front over all
     rows is drawn as a step line.
@@ -41,7 +41,7 @@ def plot_accuracy_latency(rows: list[dict], path, title: str | None = None):
     import matplotlib.pyplot as plt
 
     xs = [float(r["wall_s"]) for r in rows]
-    ys = [100.0 * float(r["wer"]) for r in rows]
+    ys = [float(r["wer"]) for r in rows]
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     ours = [i for i, r in enumerate(rows) if not _is_peer(r)]
     peers = [i for i, r in enumerate(rows) if _is_peer(r)]
