@@ -219,30 +219,31 @@ def collect(loaded, audios, max_windows: int | None = None, encoder: bool = True
     return res
 
 
+def _head_table(lines: list[str], title: str, cells: list[list[str]]) -> None:
+    """A title, then one row per layer with one formatted cell per head."""
+    lines.append(title)
+    lines.append("layer | " + " | ".join(f"head {h}" for h in range(len(cells[0]))))
+    for layer, row in enumerate(cells):
+        lines.append(f"{layer:5d} | " + " | ".join(row))
+
+
 def format_table(res: dict) -> str:
     lines = []
     p = res["params"]
     enc, ds, dc = res.get("encoder"), res["decoder_self"], res["decoder_cross"]
     if enc and res["queries"]["enc"]:
-        lines.append(f"encoder self-attention: mass within +-{p['enc_radius']} frames | mean distance (frames)")
-        lines.append("layer | " + " | ".join(f"head {h}" for h in range(len(enc['local'][0]))))
-        for layer, (lo, di) in enumerate(zip(enc["local"], enc["dist"])):
-            lines.append(f"{layer:5d} | " + " | ".join(f"{a:.2f} {b:5.0f}" for a, b in zip(lo, di)))
+        _head_table(lines, f"encoder self-attention: mass within +-{p['enc_radius']} frames | mean distance (frames)",
+                    [[f"{a:.2f} {b:5.0f}" for a, b in zip(lo, di)] for lo, di in zip(enc["local"], enc["dist"])])
         lines.append("")
-    lines.append(f"decoder self-attention over output tokens: sink (first {p['self_sink']}) + local "
-                 f"(last {p['self_window']}) mass | mean distance (tokens)")
-    lines.append("layer | " + " | ".join(f"head {h}" for h in range(len(ds['local'][0]))))
-    for layer in range(len(ds["local"])):
-        lines.append(f"{layer:5d} | " + " | ".join(
-            f"{s:.2f}+{lo:.2f} {di:4.1f}" for s, lo, di in zip(ds["sink"][layer], ds["local"][layer], ds["dist"][layer])))
+    _head_table(lines, f"decoder self-attention over output tokens: sink (first {p['self_sink']}) + local "
+                       f"(last {p['self_window']}) mass | mean distance (tokens)",
+                [[f"{s:.2f}+{lo:.2f} {di:4.1f}" for s, lo, di in zip(*cells)]
+                 for cells in zip(ds["sink"], ds["local"], ds["dist"])])
     lines.append("")
-    lines.append(f"decoder cross-attention over speech frames: mass within [last stamp - {p['cross_back']}, "
-                 f"+{p['cross_ahead']}] frames | median |peak - stamp| (frames) | peak ahead of stamp")
-    lines.append("layer | " + " | ".join(f"head {h}" for h in range(len(dc['local'][0]))))
-    for layer in range(len(dc["local"])):
-        lines.append(f"{layer:5d} | " + " | ".join(
-            f"{lo:.2f} {md:4.0f} {ah:.2f}" for lo, md, ah in
-            zip(dc["local"][layer], dc["peak_dist_median"][layer], dc["peak_ahead_frac"][layer])))
+    _head_table(lines, f"decoder cross-attention over speech frames: mass within [last stamp - {p['cross_back']}, "
+                       f"+{p['cross_ahead']}] frames | median |peak - stamp| (frames) | peak ahead of stamp",
+                [[f"{lo:.2f} {md:4.0f} {ah:.2f}" for lo, md, ah in zip(*cells)]
+                 for cells in zip(dc["local"], dc["peak_dist_median"], dc["peak_ahead_frac"])])
     lines.append(f"\nwindows: {res.get('windows')}, decoder queries: self {res['queries']['self']}, "
                  f"cross {res['queries']['cross']}")
     return "\n".join(lines)

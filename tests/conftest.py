@@ -15,3 +15,11 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def jfk_path(data_dir) -> Path:
     return data_dir / "jfk" / "jfk.flac"
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The bundled default model, loaded once per test session (get_model caches it)."""
+    from murmur.transcribe import get_model, set_threads
+    set_threads()
+    return get_model("tiny.en", "cpu")

@@ -223,13 +223,6 @@ def test_parse_kv_policy():
 # --- the real decoder on real speech -----------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny():
-    from murmur.transcribe import get_model, set_threads
-    set_threads()
-    return get_model("tiny.en", "cpu")
-
-
-@pytest.fixture(scope="module")
 def clips(data_dir):
     from murmur.audio import load_audio
     return {"jfk": load_audio(data_dir / "jfk" / "jfk.flac"),

@@ -17,11 +17,6 @@ from murmur.transcribe import plan_chunks
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return murmur.load_model("tiny.en")
-
-
-@pytest.fixture(scope="module")
 def recording():
     """Three talkative AMI clips and six LJSpeech sentences back to back with 1-s gaps: about 2.2 min."""
     ami = {it.name: it for it in dataset.ami_items()}

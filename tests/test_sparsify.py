@@ -10,13 +10,6 @@ from murmur.sparsify import AttentiveFrameDrop, parse_encoder_sparsity
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from murmur.transcribe import get_model, set_threads
-    set_threads()
-    return get_model("tiny.en", "cpu")
-
-
-@pytest.fixture(scope="module")
 def mel(jfk_path):
     from murmur.audio import N_SAMPLES, load_audio, log_mel_spectrogram
     a = load_audio(jfk_path)

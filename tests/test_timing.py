@@ -67,12 +67,6 @@ def test_words_for_segments_by_text_and_by_time():
     assert [[w.word for w in s.words] for s in segs] == [[" y"], [" x"]]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from murmur.transcribe import get_model
-    return get_model("tiny.en", "cpu")
-
-
 def _transcribe_with_words(loaded, path):
     from murmur.transcribe import transcribe
     return transcribe(path, loaded, chunk_size=None, word_timestamps=True)
