@@ -17,7 +17,7 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny.en", help="tiny.en (default), base, or a local model path")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--compute-type", default="auto", choices=("auto", "int8", "float32", "float16", "bfloat16"),
-                   help="auto: float32 on CPU, float16 on CUDA; int8 (CPU) decodes ~2x faster, batch-dependent")
+                   help="auto: int8 on CPU (row-wise, batch-invariant), float16 on CUDA")
     p.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default)")
     p.add_argument("--language", default=None, help="language code; default: en, or detected for multilingual")
     p.add_argument("--chunk-size", default=DEFAULT_CHUNK, choices=CHUNK_CHOICES,

@@ -31,6 +31,9 @@ class DecodingOptions:
     without_timestamps: bool = False
     max_initial_timestamp: float = 1.0
     compression_ratio_threshold: float | None = 2.4
+    # stop a greedy decode once its text so far is over the compression threshold, when a fallback
+    # temperature is left to retry it: a loop would otherwise run to sample_len only to be rejected
+    stop_loops_early: bool = True
     logprob_threshold: float | None = -1.0
     no_speech_threshold: float | None = 0.6
     condition_on_previous_text: bool = True

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -18,6 +18,8 @@ from torch import Tensor
 from .decoding import BeamGroup, DecodingOptions, LogitRules, RowState, rank
 from .kv import KVCache
 from .loading import LoadedModel
+
+STOP_EVERY = 8  # steps between stop checks: a check decodes and compresses the row's text
 
 
 @dataclass
@@ -29,10 +31,13 @@ class Request:
     owner: Any = None  # the stream that submitted it
     tag: Any = None
     features: Tensor | None = None  # encoder output, kept across temperature fallbacks
+    # called on a greedy row's tokens every STOP_EVERY steps; True ends the row as rejected
+    stop_check: Callable[[list[int]], bool] | None = None
     # results
     tokens: list[int] = field(default_factory=list)
     sum_logprob: float = 0.0
     no_speech_prob: float = 0.0
+    stopped: bool = False  # stop_check ended it: its tokens are a truncated, rejected decode
 
     @property
     def avg_logprob(self) -> float:
@@ -53,6 +58,7 @@ class _Active:
         self.seqs: list[list[int]] = [[] for _ in rows]
         self.sums = [0.0] * len(rows)
         self.done = [False] * len(rows)
+        self.stopped = [False] * len(rows)
 
 
 class Engine:
@@ -113,9 +119,9 @@ class Engine:
         self.cache.reset(r0, r0 + 1)
         self.cache.load_cross(r0, r0 + 1, self.model.decoder.cross_kv(req.features))
         prompt = torch.tensor([req.prompt], dtype=torch.long, device=self.device)
-        logits = self.model.decoder(prompt, self.cache, r0)[0]
         sot = req.prompt.index(self.tok.sot)
-        req.no_speech_prob = float(torch.softmax(logits[sot], -1)[self.tok.no_speech])
+        logits = self.model.decoder(prompt, self.cache, r0, logits_at=[sot, len(req.prompt) - 1])[0]
+        req.no_speech_prob = float(torch.softmax(logits[0], -1)[self.tok.no_speech])
         for r in rows[1:]:  # every candidate starts from the same prefilled prompt
             self.cache.move(r0, r, 1)
         self.state.reset(rows)
@@ -168,9 +174,13 @@ class Engine:
                 if t == self.tok.eot:
                     act.done[j] = True
                 else:
-                    act.seqs[j].append(t)
-                    if len(act.seqs[j]) >= act.req.sample_len:
+                    seq = act.seqs[j]
+                    seq.append(t)
+                    if len(seq) >= act.req.sample_len:
                         act.done[j] = True
+                    elif (act.req.stop_check is not None and len(seq) % STOP_EVERY == 0
+                          and act.req.stop_check(seq)):
+                        act.done[j] = act.stopped[j] = True
         self.last_token[idx] = nxt
         st.push(idx, nxt, self.tok.timestamp_begin)
         observe = getattr(self.cache.policy, "observe_tokens", None)
@@ -200,9 +210,12 @@ class Engine:
         if act.beam is not None:
             cands = act.beam.close()
         else:
+            # a stopped candidate competes only if every candidate was stopped
+            keep = [j for j in range(len(act.rows)) if not act.stopped[j]] or range(len(act.rows))
             cands = {}
-            for s, lp in zip(act.seqs, act.sums):
-                cands.setdefault(tuple(s), lp)
+            for j in keep:
+                cands.setdefault(tuple(act.seqs[j]), act.sums[j])
+            req.stopped = all(act.stopped)
         seq, lp = rank(cands, self.options.length_penalty)
         req.tokens, req.sum_logprob = list(seq), lp
         for r in act.rows:

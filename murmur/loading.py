@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .errors import ModelError
-from .model import ModelDims, Whisper
+from .model import ModelDims, TiedLogits, Whisper
 from .tokenizer import Tokenizer
 
 # CTranslate2 dtype ids -> numpy dtypes (bf16 is read as uint16 and widened by hand)
@@ -256,19 +256,10 @@ COMPUTE_TYPES = ("auto", "int8", "float32", "float16", "bfloat16")
 
 
 def quantize_int8(model: Whisper) -> Whisper:
-    """Dynamic int8 for every Linear and the tied logit projection (CPU only), as CTranslate2's int8.
-
-    Activations stay fp32 and are quantised per call; attention and convolutions stay fp32."""
-    import warnings
-
-    from torch import nn
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
-        from torch.ao.quantization import quantize_dynamic
-        head = nn.Linear(model.dims.n_text_state, model.dims.n_vocab, bias=False)
-        head.weight = model.decoder.token_embedding.weight
-        model.decoder.output = head
-        quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    """int8 for every Linear and the tied logit projection (CPU), row-wise: see murmur.quant."""
+    from .quant import Int8Linear, quantize_linears
+    quantize_linears(model)
+    model.decoder.output = Int8Linear(model.decoder.token_embedding.weight, None)
     return model
 
 
@@ -276,9 +267,9 @@ def load_model(name_or_path: str | os.PathLike = "tiny.en", device: str | None =
                dtype: torch.dtype | None = None, compute_type: str = "auto") -> LoadedModel:
     """Load a model by bundled name or local path.
 
-    compute_type 'auto' is fp32 on CPU and fp16 on CUDA; 'int8' (CPU, dynamic quantisation) is ~2x
-    faster to decode but batch-dependent; 'float32', 'float16', 'bfloat16' and 'int8' (CPU only) force one. `dtype` overrides
-    a float compute type."""
+    compute_type 'auto' is int8 on CPU (as faster-whisper; row-wise, so batch-invariant: murmur.quant)
+    and float16 on CUDA; 'float32', 'float16', 'bfloat16' and 'int8' (CPU only) force one. `dtype`
+    overrides a float compute type."""
     if compute_type not in COMPUTE_TYPES:
         raise ModelError(f"compute type {compute_type!r}: choose one of {', '.join(COMPUTE_TYPES)}")
     key = str(name_or_path)
@@ -305,9 +296,8 @@ def load_model(name_or_path: str | os.PathLike = "tiny.en", device: str | None =
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = str(device).startswith("cuda")
     if compute_type == "auto":
-        # not int8 on CPU: dynamic int8 scales activations per tensor, so a row's result would
-        # depend on which rows share its batch (the scheduler promises chunk-alone results)
-        compute_type = "float16" if cuda else "float32"
+        # a CPU decode step is memory-bound, and int8 weights are a quarter of fp32's bytes
+        compute_type = "float16" if cuda else "int8"
     if compute_type == "int8" and cuda:
         raise ModelError("compute type int8 is CPU only; use float16 or bfloat16 on CUDA")
     if dtype is None:
@@ -316,5 +306,7 @@ def load_model(name_or_path: str | os.PathLike = "tiny.en", device: str | None =
     loaded.model.requires_grad_(False)
     if compute_type == "int8":
         quantize_int8(loaded.model)
+    elif not cuda:
+        loaded.model.decoder.output = TiedLogits(loaded.model.decoder.token_embedding.weight)
     loaded.compute_type = compute_type
     return loaded

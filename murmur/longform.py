@@ -117,16 +117,27 @@ class ChunkStream:
         prompt += tok.sot_sequence(self.language, timestamps=not self.options.without_timestamps)
         sample_len = self.options.sample_len or self.n_text_ctx // 2
         sample_len = min(sample_len, self.n_text_ctx - len(prompt))
+        t_index = self.options.temperature.index(temperature)
+        stop = None
+        o = self.options
+        if (o.stop_loops_early and o.compression_ratio_threshold is not None
+                and t_index + 1 < len(o.temperature)):
+            stop = self._over_compression
         return Request(mel=mel, prompt=prompt, temperature=temperature, sample_len=sample_len, owner=self,
-                       tag={"size": size, "t_index": self.options.temperature.index(temperature)},
-                       features=features)
+                       tag={"size": size, "t_index": t_index}, features=features, stop_check=stop)
+
+    def _over_compression(self, tokens: list[int]) -> bool:
+        eot = self.tokenizer.eot
+        text = self.tokenizer.decode([t for t in tokens if t < eot])
+        return compression_ratio(text) > self.options.compression_ratio_threshold
 
     def on_result(self, req: Request) -> Request | None:
         """Apply the fallback and seek rules; returns a retry request when the window must be redone."""
         o, tok = self.options, self.tokenizer
         text_tokens = [t for t in req.tokens if t < tok.eot]
         ratio = compression_ratio(tok.decode(text_tokens))
-        too_repetitive = o.compression_ratio_threshold is not None and ratio > o.compression_ratio_threshold
+        too_repetitive = req.stopped or (o.compression_ratio_threshold is not None
+                                         and ratio > o.compression_ratio_threshold)
         too_unsure = o.logprob_threshold is not None and req.avg_logprob < o.logprob_threshold
         silent = o.no_speech_threshold is not None and req.no_speech_prob > o.no_speech_threshold
         needs_fallback = (too_repetitive or too_unsure) and not (silent and too_unsure)
