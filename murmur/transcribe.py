@@ -118,6 +118,7 @@ def transcribe(
     min_speakers: int = 1,
     max_speakers: int | None = None,
     queue_limit: int | None = None,
+    seed: int = 0,
     **decode_kw,
 ) -> Transcript:
     """Transcribe one recording. `chunk_size` None/'full' is sequential mode; seconds cut at silences
@@ -126,7 +127,8 @@ def transcribe(
     `kv_policy` is a policy object or a spec such as 'output-window+speech-follow' (with `kv_opts`);
     `encoder_sparsity` is 'LAYER:FRACTION' or 'off'. `diarize` labels words and segments with one
     speaker map for the whole recording (and turns on word timestamps). `queue_limit` bounds how many
-    chunks hold their features at once (default: twice the batch size).
+    chunks hold their features at once (default: twice the batch size). `seed` seeds the sampling
+    of temperature fallbacks, so a run is reproducible.
     Extra keyword arguments are DecodingOptions fields (temperature, initial_prompt, ...).
     """
     set_threads()
@@ -166,7 +168,8 @@ def transcribe(
     streams = [ChunkStream(p.audio, tok, opts, p.time_map, index=i, n_text_ctx=loaded.model.dims.n_text_ctx,
                            language=lang, word_timestamps=word_timestamps, model=loaded)
                for i, p in enumerate(plans)]
-    engine = Engine(loaded, opts, batch_size=batch_size, kv_policy=kv_policy, encoder_hooks=hooks)
+    engine = Engine(loaded, opts, batch_size=batch_size, kv_policy=kv_policy, encoder_hooks=hooks,
+                    seed=seed)
     speech_total = sum(len(p.audio) for p in plans) / SAMPLE_RATE
     bar = _progress(progress, speech_total, source)
     scheduler = StreamScheduler(streams, max_open=queue_limit or 2 * engine.batch_size,

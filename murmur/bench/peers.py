@@ -133,3 +133,47 @@ def faster_whisper_batched(audio, model_path: str | None = None, batch_size: int
         f"faster-whisper batched{batch_size} {compute_type} beam{beam_size}", a,
         lambda x: pipe.transcribe(x, language="en", batch_size=batch_size,
                                   beam_size=beam_size))
+
+
+def run_isolated(audios: list[np.ndarray], peer: str, batch_size: int = 8, beam_size: int = 1) -> list[dict]:
+    """Run a peer over `audios` in a child process. In-process, CTranslate2's OpenMP threads keep
+    spinning after a call and slow the torch runs that follow, and its model would count in their
+    peak RSS; a child process keeps the comparison fair both ways."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="murmur-peer-") as tmp:
+        paths = []
+        for i, a in enumerate(audios):
+            paths.append(str(Path(tmp) / f"{i}.npy"))
+            np.save(paths[-1], _audio_of(a))
+        cmd = [sys.executable, __file__, peer,  # by path: the child imports neither murmur nor torch
+               str(batch_size), str(beam_size), *paths]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"peer {peer} failed:\n{r.stderr[-2000:]}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _main(argv: list[str]) -> None:
+    import json
+    peer, batch_size, beam_size, paths = argv[0], int(argv[1]), int(argv[2]), argv[3:]
+    out = []
+    for p in paths:
+        a = np.load(p)
+        if peer == "faster-whisper":
+            r = faster_whisper_sequential(a, beam_size=beam_size)
+        elif peer == "faster-whisper-batched":
+            r = faster_whisper_batched(a, batch_size=batch_size, beam_size=beam_size)
+        else:
+            raise SystemExit(f"unknown peer {peer!r}")
+        out.append({k: r[k] for k in ("name", "text", "wall_s", "peak_rss_mb")})
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    import sys
+    _main(sys.argv[1:])

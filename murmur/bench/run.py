@@ -138,16 +138,13 @@ def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None
 
 
 def run_peer(items, peer: str, batch_size: int = 8, beam_size: int = 1) -> dict:
-    per, walls, peaks = [], 0.0, 0.0
-    for it in items:
-        if peer == "faster-whisper":
-            r = peers.faster_whisper_sequential(it.audio, beam_size=beam_size)
-        else:
-            r = peers.faster_whisper_batched(it.audio, batch_size=batch_size, beam_size=beam_size)
-        walls += r["wall_s"]
-        peaks = max(peaks, r["peak_rss_mb"])
-        if it.reference:
-            per.append(_wer(it.reference, r["text"]))
+    if peer not in ("faster-whisper", "faster-whisper-batched"):
+        raise SystemExit(f"unknown peer {peer!r}: choose faster-whisper or faster-whisper-batched")
+    results = peers.run_isolated([it.audio for it in items], peer, batch_size, beam_size)
+    per = [_wer(it.reference, r["text"]) for it, r in zip(items, results) if it.reference]
+    walls = sum(r["wall_s"] for r in results)
+    peaks = max(r["peak_rss_mb"] for r in results)
+    r = results[-1]
     audio_s = sum(it.duration for it in items)
     name = r["name"]
     return {"name": name, "kind": "peer", "chunk_size": "vad" if "batched" in name else "full",
