@@ -41,7 +41,7 @@ class TimeMap:
 
 @dataclass(eq=False)  # streams are compared by identity
 class ChunkStream:
-    audio: np.ndarray
+    audio: np.ndarray | list[np.ndarray]  # samples, or pieces spliced together only while open
     tokenizer: Tokenizer
     options: DecodingOptions
     time_map: TimeMap = field(default_factory=TimeMap.identity)
@@ -63,7 +63,10 @@ class ChunkStream:
 
     def __post_init__(self):
         self.mel: torch.Tensor | None = None
-        self.content_frames = int(round(len(self.audio) / HOP_LENGTH))
+        self._pieces = self.audio if isinstance(self.audio, list) else [self.audio]
+        self.audio = None  # the spliced samples, held while open
+        self.n_samples = sum(len(p) for p in self._pieces)
+        self.content_frames = int(round(self.n_samples / HOP_LENGTH))
         self.all_tokens: list[int] = []
         self.prompt_reset_since = 0
         if self.options.initial_prompt:
@@ -74,15 +77,18 @@ class ChunkStream:
 
     @property
     def duration(self) -> float:
-        return len(self.audio) / SAMPLE_RATE
+        return self.n_samples / SAMPLE_RATE
 
     def open(self) -> None:
         if self.mel is None:
+            p = self._pieces
+            self.audio = p[0] if len(p) == 1 else np.concatenate(p)
             # padded like openai-whisper so the last window sees the same silence floor
             self.mel = log_mel_spectrogram(self.audio, padding=N_SAMPLES)
 
     def close(self) -> None:
-        self.mel = None
+        self.mel = self.audio = None
+        self._pieces = []
 
     # --- the window protocol -----------------------------------------------------------------
     def next_request(self) -> Request | None:

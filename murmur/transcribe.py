@@ -41,9 +41,18 @@ def set_threads(n: int | None = None) -> None:
 
 @dataclass
 class ChunkPlan:
-    """One chunk: its audio (speech only when a VAD cut it) and the map back to recording time."""
-    audio: np.ndarray
+    """One chunk: its speech regions as views of the recording (spliced only while the chunk is
+    decoded, so planning copies nothing) and the map back to recording time."""
+    pieces: list[np.ndarray]
     time_map: TimeMap
+
+    @property
+    def audio(self) -> np.ndarray:
+        return self.pieces[0] if len(self.pieces) == 1 else np.concatenate(self.pieces)
+
+    @property
+    def n_samples(self) -> int:
+        return sum(len(p) for p in self.pieces)
 
 
 @torch.inference_mode()
@@ -69,7 +78,7 @@ def detect_language(loaded: LoadedModel, audio: np.ndarray) -> tuple[str, dict[s
 def plan_chunks(audio: np.ndarray, chunk_size: float | None, vad_options=None) -> tuple[list[ChunkPlan], float]:
     """Full mode is the whole recording as one chunk (sequential mode); otherwise VAD + chunker."""
     if chunk_size is None:
-        return [ChunkPlan(audio, TimeMap.identity(0.0))], 0.0
+        return [ChunkPlan([audio], TimeMap.identity(0.0))], 0.0
     from .chunker import make_chunks
     from .vad import VadOptions, speech_regions
     t0 = time.perf_counter()
@@ -91,7 +100,7 @@ def plan_chunks(audio: np.ndarray, chunk_size: float | None, vad_options=None) -
             dst.append(i / SAMPLE_RATE)
             t += (j - i) / SAMPLE_RATE
         if pieces:
-            plans.append(ChunkPlan(np.concatenate(pieces), TimeMap(np.array(src), np.array(dst))))
+            plans.append(ChunkPlan(pieces, TimeMap(np.array(src), np.array(dst))))
     return plans, time.perf_counter() - t0
 
 
@@ -165,12 +174,12 @@ def transcribe(
         hooks += parse_encoder_sparsity(encoder_sparsity, loaded)
     word_timestamps = word_timestamps or diarize
     plans, vad_s = plan_chunks(audio, chunk_size, vad_options)
-    streams = [ChunkStream(p.audio, tok, opts, p.time_map, index=i, n_text_ctx=loaded.model.dims.n_text_ctx,
+    streams = [ChunkStream(p.pieces, tok, opts, p.time_map, index=i, n_text_ctx=loaded.model.dims.n_text_ctx,
                            language=lang, word_timestamps=word_timestamps, model=loaded)
                for i, p in enumerate(plans)]
     engine = Engine(loaded, opts, batch_size=batch_size, kv_policy=kv_policy, encoder_hooks=hooks,
                     seed=seed)
-    speech_total = sum(len(p.audio) for p in plans) / SAMPLE_RATE
+    speech_total = sum(p.n_samples for p in plans) / SAMPLE_RATE
     bar = _progress(progress, speech_total, source)
     scheduler = StreamScheduler(streams, max_open=queue_limit or 2 * engine.batch_size,
                                 on_progress=bar.advance if bar else None)

@@ -121,6 +121,8 @@ def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None
         "kv_policy": kv_policy or "none", "encoder_sparsity": sparsity or "off",
         **_pool(per), "wall_s": round(wall, 2), "rtfx": round(audio_s / wall, 2), "audio_s": round(audio_s, 1),
         "peak_rss_mb": round(mon.peak / 2**20, 1),
+        # the samples the bench holds in memory before the run: RSS can be flat only above them
+        "input_audio_mb": round(sum(it.audio.nbytes for it in items) / 2**20, 1),
         "tokens_per_s": round(agg("tokens") / max(agg("decode_s"), 1e-9), 1),
         "vad_s": agg("vad_s"), "encode_s": agg("encode_s"), "decode_s": agg("decode_s"), "stitch_s": agg("stitch_s"),
         "chunks": int(agg("chunks")), "windows": int(agg("windows")), "fallbacks": int(agg("fallbacks")),
