@@ -177,7 +177,8 @@ class TiedLogits(nn.Module):
 
     def __init__(self, embedding: Tensor):
         super().__init__()
-        self.register_buffer("weight_t", embedding.detach().t().contiguous())
+        # not persistent: state_dict stays a plain Whisper checkpoint
+        self.register_buffer("weight_t", embedding.detach().t().contiguous(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return x @ self.weight_t

@@ -180,7 +180,7 @@ def transcribe(
     engine = Engine(loaded, opts, batch_size=batch_size, kv_policy=kv_policy, encoder_hooks=hooks,
                     seed=seed)
     speech_total = sum(p.n_samples for p in plans) / SAMPLE_RATE
-    bar = _progress(progress, speech_total, source)
+    bar = _progress(progress, duration, speech_total, source)
     scheduler = StreamScheduler(streams, max_open=queue_limit or 2 * engine.batch_size,
                                 on_progress=bar.advance if bar else None)
     try:
@@ -237,8 +237,11 @@ def _peak_rss_mb() -> float:
 
 
 class _Bar:
-    def __init__(self, total: float, label: str, callback=None):
-        self.total, self.done, self.callback = total, 0.0, callback
+    """Progress in recording seconds: decoded speech seconds scaled by recording / speech, so the
+    bar ends at the recording's duration although the VAD's non-speech is never decoded."""
+
+    def __init__(self, total: float, label: str, callback=None, scale: float = 1.0):
+        self.total, self.done, self.callback, self.scale = total, 0.0, callback, scale
         self.progress = None
         if callback is None:
             from rich.console import Console
@@ -252,7 +255,7 @@ class _Bar:
             self.progress.start()
 
     def advance(self, seconds: float) -> None:
-        self.done += seconds
+        self.done += seconds * self.scale
         if self.callback:
             self.callback(self.done, self.total)
         else:
@@ -264,8 +267,9 @@ class _Bar:
             self.progress.stop()
 
 
-def _progress(progress, total: float, source: str | None):
+def _progress(progress, duration: float, speech: float, source: str | None):
     if not progress:
         return None
     label = Path(source).name if source else "audio"
-    return _Bar(total, label, progress if callable(progress) else None)
+    return _Bar(duration, label, progress if callable(progress) else None,
+                scale=duration / speech if speech > 0 else 1.0)

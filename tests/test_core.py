@@ -196,3 +196,12 @@ def test_int8_matches_float32_on_jfk(tiny, jfk_audio):
     assert murmur.transcribe(jfk_audio, q).text == murmur.transcribe(jfk_audio, tiny).text
     with pytest.raises(ModelError, match="compute type"):
         murmur.load_model("tiny.en", compute_type="int4")
+
+
+def test_progress_counts_recording_seconds(tiny, jfk_audio):
+    # chunked mode decodes only speech, yet the bar advances in recording seconds and ends full
+    seen = []
+    r = murmur.transcribe(jfk_audio, tiny, chunk_size=30, progress=lambda done, total: seen.append((done, total)))
+    assert seen and all(t == pytest.approx(r.duration) for _, t in seen)
+    assert seen[-1][0] == pytest.approx(r.duration, abs=0.05)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)

@@ -82,7 +82,7 @@ def packed_heads(heads, dims) -> bytes:
 
 @pytest.fixture(scope="module")
 def bundled():
-    return murmur.load_model("tiny.en", device="cpu")
+    return murmur.load_model("tiny.en", device="cpu", compute_type="float32")  # exact weight checks
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def assert_same_weights(loaded, sd, cast=None):
 
 
 def test_openai_checkpoint_roundtrip(openai_pt, bundled, bundled_sd, bundled_text, jfk_path):
-    loaded = murmur.load_model(openai_pt, device="cpu")
+    loaded = murmur.load_model(openai_pt, device="cpu", compute_type="float32")
     assert loaded.model.dims == bundled.model.dims
     assert_same_weights(loaded, bundled_sd)
     assert loaded.model.alignment_heads == bundled.model.alignment_heads
@@ -139,7 +139,7 @@ def test_openai_checkpoint_roundtrip(openai_pt, bundled, bundled_sd, bundled_tex
 
 def test_hf_folder_roundtrip(hf_folder, bundled, bundled_sd, bundled_text, jfk_path, monkeypatch, tmp_path):
     monkeypatch.setenv("MURMUR_CACHE", str(tmp_path / "cache"))
-    loaded = murmur.load_model(hf_folder, device="cpu")
+    loaded = murmur.load_model(hf_folder, device="cpu", compute_type="float32")
     assert loaded.model.dims == bundled.model.dims
     assert_same_weights(loaded, bundled_sd)
     assert loaded.model.alignment_heads == bundled.model.alignment_heads
@@ -171,7 +171,7 @@ def test_hf_sharded_fp16_unprefixed_with_tied_head(tmp_path, bundled, bundled_sd
     emb = bundled_sd["decoder.token_embedding.weight"].half()
     write_hf(folder, bundled_sd, bundled.model.dims, prefix=False, shards=3, dtype=torch.float16,
              extra={"proj_out.weight": emb.clone()})
-    loaded = murmur.load_model(folder, device="cpu")
+    loaded = murmur.load_model(folder, device="cpu", compute_type="float32")
     assert_same_weights(loaded, bundled_sd, cast=torch.float16)
     d = bundled.model.dims
     assert loaded.model.alignment_heads == [(l, h) for l in range(d.n_text_layer // 2, d.n_text_layer)
@@ -215,7 +215,7 @@ def test_openai_alignment_head_formats(tmp_path, small_sd, fmt):
     if heads is not None:
         ckpt["alignment_heads"] = heads
     torch.save(ckpt, tmp_path / "m.pt")
-    loaded = murmur.load_model(tmp_path / "m.pt", device="cpu")
+    loaded = murmur.load_model(tmp_path / "m.pt", device="cpu", compute_type="float32")
     assert loaded.model.alignment_heads == ([(0, 1), (1, 0)] if heads is not None else [(1, 0), (1, 1)])
     assert_same_weights(loaded, small_sd, cast=torch.float16)
 

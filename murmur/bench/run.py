@@ -71,11 +71,14 @@ def speaker_scores(item: dataset.Item, result) -> dict:
             return next((c["name"] for c in item.clips if c["start"] <= mid < c["end"]), item.clips[-1]["name"])
         ref = [dict(e, session_id=session(e)) for e in ref]
         hyp = [dict(e, session_id=session(e)) for e in hyp]
-    out = {"cpwer": 100 * cpwer(ref, hyp)["wer"], "tcpwer": 100 * tcpwer(ref, hyp)["wer"]}
+    cp, tcp = cpwer(ref, hyp), tcpwer(ref, hyp)
+    out = {"cpwer": (cp["errors"], cp["length"]), "tcpwer": (tcp["errors"], tcp["length"]),
+           "speakers_exact": len({e["speaker"] for e in hyp}) == len({e["speaker"] for e in ref})}
     if result.turns:
-        d = der(ref_turns, result.turns)["der"]
-        if d is not None:  # None: no reference speech outside the collars
-            out["der"] = 100 * d
+        d = der(ref_turns, result.turns)
+        if d["der"] is not None:  # None: no reference speech outside the collars
+            out["der"] = (d["missed"] + d["false_alarm"] + d["confusion"], d["total"])
+            out["der_clip"] = 100 * d["der"]
     return out
 
 
@@ -133,9 +136,14 @@ def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None
         "kv_physical_peak_per_row": max((s.get("kv_physical_peak_per_row", 0) for s in stats), default=0),
         "diarize_s": agg("diarize_s"),
     }
+    # pooled over clips like WER (errors / reference words; DER: error time / speech time), so a
+    # clip with two reference words cannot swamp the set; der_mean is the per-clip average
     for k in ("cpwer", "tcpwer", "der"):
         vals = [x[k] for x in spk if k in x]
-        row[k] = round(float(np.mean(vals)), 2) if vals else None
+        row[k] = round(100 * sum(e for e, _ in vals) / max(sum(n for _, n in vals), 1e-9), 2) if vals else None
+    clip_der = [x["der_clip"] for x in spk if "der_clip" in x]
+    row["der_mean"] = round(float(np.mean(clip_der)), 2) if clip_der else None
+    row["speakers_exact"] = f"{sum(x['speakers_exact'] for x in spk)}/{len(spk)}" if spk else None
     return row
 
 
@@ -226,7 +234,7 @@ def cmd_bench(args) -> int:
         plot_accuracy_latency(rows, out / "bench.png",
                               title=f"{args.model}, {args.audio or args.set} ({audio_s / 60:.1f} min)")
     table = Table(title="murmur bench")
-    cols = ["name", "wer", "cpwer", "tcpwer", "der", "wall_s", "rtfx", "peak_rss_mb", "tokens_per_s", "vad_s", "encode_s", "decode_s",
+    cols = ["name", "wer", "cpwer", "tcpwer", "der", "der_mean", "speakers_exact", "wall_s", "rtfx", "peak_rss_mb", "tokens_per_s", "vad_s", "encode_s", "decode_s",
             "batch_occupancy", "wall_vs_fastest_peer", "wall_vs_seq_peer", "pareto"]
     shown = [c for c in cols if any(r.get(c) is not None for r in rows)]
     for c in shown:
