@@ -42,12 +42,10 @@ def main() -> None:
     def on_result(self, req):
         if req.stop_check is not None:
             text = self.tokenizer.decode([t for t in req.tokens if t < self.tokenizer.eot])
-            # the engine keeps one list per row; with greedy it is the request's tokens
-            step = next((s for k, s in crossed.items() if len(req.tokens) >= s and k == req.tag.get("tid")), None)
             finals.append((req.tag.get("cross"), compression_ratio(text), len(req.tokens)))
         return orig_result(self, req)
 
-    # tag each request with its crossing step when the engine finishes it
+    # tag each request with the step at which one of its rows first crossed, when it finishes
     import murmur.engine as eng
     orig_finish = eng.Engine._finish
 
