@@ -123,25 +123,26 @@ class ChunkStream:
         prompt += tok.sot_sequence(self.language, timestamps=not self.options.without_timestamps)
         sample_len = self.options.sample_len or self.n_text_ctx // 2
         sample_len = min(sample_len, self.n_text_ctx - len(prompt))
-        t_index = self.options.temperature.index(temperature)
-        stop = None
         o = self.options
-        if (o.stop_loops_early and o.compression_ratio_threshold is not None
-                and t_index + 1 < len(o.temperature)):
-            stop = self._over_compression
+        t_index = o.temperature.index(temperature)
+        stoppable = (o.stop_loops_early and o.compression_ratio_threshold is not None
+                     and t_index + 1 < len(o.temperature))
+        stop = self._over_compression if stoppable else None
         return Request(mel=mel, prompt=prompt, temperature=temperature, sample_len=sample_len, owner=self,
                        tag={"size": size, "t_index": t_index}, features=features, stop_check=stop)
 
-    def _over_compression(self, tokens: list[int]) -> bool:
+    def _ratio(self, tokens: list[int]) -> float:
+        """Compression ratio of the text of `tokens` (timestamps and eot left out)."""
         eot = self.tokenizer.eot
-        text = self.tokenizer.decode([t for t in tokens if t < eot])
-        return compression_ratio(text) > self.options.compression_ratio_threshold
+        return compression_ratio(self.tokenizer.decode([t for t in tokens if t < eot]))
+
+    def _over_compression(self, tokens: list[int]) -> bool:
+        return self._ratio(tokens) > self.options.compression_ratio_threshold
 
     def on_result(self, req: Request) -> Request | None:
         """Apply the fallback and seek rules; returns a retry request when the window must be redone."""
-        o, tok = self.options, self.tokenizer
-        text_tokens = [t for t in req.tokens if t < tok.eot]
-        ratio = compression_ratio(tok.decode(text_tokens))
+        o = self.options
+        ratio = self._ratio(req.tokens)
         too_repetitive = req.stopped or (o.compression_ratio_threshold is not None
                                          and ratio > o.compression_ratio_threshold)
         too_unsure = o.logprob_threshold is not None and req.avg_logprob < o.logprob_threshold

@@ -47,10 +47,6 @@ class ChunkPlan:
     time_map: TimeMap
 
     @property
-    def audio(self) -> np.ndarray:
-        return self.pieces[0] if len(self.pieces) == 1 else np.concatenate(self.pieces)
-
-    @property
     def n_samples(self) -> int:
         return sum(len(p) for p in self.pieces)
 

@@ -38,7 +38,7 @@ class CountingScheduler(StreamScheduler):
 def _run(tiny, plans, batch_size):
     tok = tiny.tokenizer
     opts = DecodingOptions(language="en")
-    streams = [ChunkStream(p.audio, tok, opts, p.time_map, index=i, language="en") for i, p in enumerate(plans)]
+    streams = [ChunkStream(p.pieces, tok, opts, p.time_map, index=i, language="en") for i, p in enumerate(plans)]
     engine = Engine(tiny, opts, batch_size=batch_size)
     sched = CountingScheduler(streams, max_open=2 * batch_size)
     engine.run(sched)

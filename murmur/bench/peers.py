@@ -22,6 +22,7 @@ import numpy as np
 CPU_THREADS = 2
 SAMPLE_RATE = 16000
 SEED = 0
+PEERS = ("faster-whisper", "faster-whisper-batched")
 
 
 def default_model_path() -> str:
@@ -161,15 +162,15 @@ def run_isolated(audios: list[np.ndarray], peer: str, batch_size: int = 8, beam_
 def _main(argv: list[str]) -> None:
     import json
     peer, batch_size, beam_size, paths = argv[0], int(argv[1]), int(argv[2]), argv[3:]
+    if peer not in PEERS:
+        raise SystemExit(f"unknown peer {peer!r}: choose {' or '.join(PEERS)}")
     out = []
     for p in paths:
         a = np.load(p)
         if peer == "faster-whisper":
             r = faster_whisper_sequential(a, beam_size=beam_size)
-        elif peer == "faster-whisper-batched":
-            r = faster_whisper_batched(a, batch_size=batch_size, beam_size=beam_size)
         else:
-            raise SystemExit(f"unknown peer {peer!r}")
+            r = faster_whisper_batched(a, batch_size=batch_size, beam_size=beam_size)
         out.append({k: r[k] for k in ("name", "text", "wall_s", "peak_rss_mb")})
     print(json.dumps(out))
 

@@ -148,8 +148,8 @@ def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None
 
 
 def run_peer(items, peer: str, batch_size: int = 8, beam_size: int = 1) -> dict:
-    if peer not in ("faster-whisper", "faster-whisper-batched"):
-        raise SystemExit(f"unknown peer {peer!r}: choose faster-whisper or faster-whisper-batched")
+    if peer not in peers.PEERS:  # before spawning the child, which checks again
+        raise SystemExit(f"unknown peer {peer!r}: choose {' or '.join(peers.PEERS)}")
     results = peers.run_isolated([it.audio for it in items], peer, batch_size, beam_size)
     per = [_wer(it.reference, r["text"]) for it, r in zip(items, results) if it.reference]
     walls = sum(r["wall_s"] for r in results)
