@@ -8,6 +8,7 @@ no padding is decoded. Windows are encoded in batches as they are admitted.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -85,7 +86,7 @@ class Engine:
         self.last_token = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self.stats = {"encode_s": 0.0, "decode_s": 0.0, "windows": 0, "steps": 0, "tokens": 0,
-                      "row_steps": 0, "slot_steps": 0, "encoded_windows": 0}
+                      "row_steps": 0, "slot_steps": 0, "encoded_windows": 0, "joined_running": 0}
 
     # --- encoder -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -108,8 +109,10 @@ class Engine:
     @torch.inference_mode()
     def _admit(self, req: Request) -> None:
         t0 = time.perf_counter()
-        n = self.options.beam_size if req.temperature == 0 else self.options.best_of
+        n = self.rows_for(req)
         rows = self._free_rows()[:n]
+        if self.stats["steps"] and any(o is not None for o in self.owner_of):
+            self.stats["joined_running"] += 1  # continuous batching: it joins rows mid-decode
         beam = BeamGroup(n, self.options.patience, self.tok.eot) if (req.temperature == 0 and n > 1) else None
         act = _Active(req, rows, beam)
         for r in rows:
@@ -225,37 +228,34 @@ class Engine:
         self._completed.append(req)
 
     # --- main loop ---------------------------------------------------------------------------
+    def rows_for(self, req: Request) -> int:
+        """Rows a request decodes on: one per beam, or best_of candidates at a fallback temperature."""
+        return self.options.beam_size if req.temperature == 0 else self.options.best_of
+
     def run(self, scheduler: Scheduler) -> None:
+        """Decode until the scheduler has nothing left. Before every step each free row takes the
+        next ready window; a request that needs more rows than are free (a fallback's best_of
+        candidates) waits at the head of the line while the running rows finish."""
         self._completed: list[Request] = []
+        held: deque[Request] = deque()
         while True:
-            free = len(self._free_rows())
-            per = self.group
-            if free >= per:
-                reqs = scheduler.pop_ready(free // per)
-                if reqs:
-                    self.encode(reqs)
-                    for r in reqs:
-                        self._admit(r)
-                        self._drain(scheduler)
-            busy = [i for i, o in enumerate(self.owner_of) if o is not None]
-            if not busy:
+            if not held and self._free_rows():
+                reqs = scheduler.pop_ready(len(self._free_rows()))
+                self.encode(reqs)
+                held.extend(reqs)
+            admitted = 0
+            while held and self.rows_for(held[0]) <= len(self._free_rows()):
+                self._admit(held.popleft())
                 self._drain(scheduler)
-                if scheduler.finished():
-                    return
-                if not any(o is not None for o in self.owner_of):
-                    # nothing ready and nothing running: the scheduler must have work or be done
-                    reqs = scheduler.pop_ready(max(1, free // per))
-                    if not reqs:
-                        if scheduler.finished():
-                            return
-                        raise RuntimeError("scheduler stalled: no ready request and not finished")
-                    self.encode(reqs)
-                    for r in reqs:
-                        self._admit(r)
-                        self._drain(scheduler)
-                continue
-            self._step(busy[-1] + 1)
-            self._drain(scheduler)
+                admitted += 1
+            busy = [i for i, o in enumerate(self.owner_of) if o is not None]
+            if busy:
+                self._step(busy[-1] + 1)
+                self._drain(scheduler)
+            elif scheduler.finished():
+                return
+            elif not admitted:  # every row is free, yet nothing came: the scheduler must have work
+                raise RuntimeError("scheduler stalled: no ready request and not finished")
 
     def _drain(self, scheduler: Scheduler) -> None:
         done, self._completed = self._completed, []
