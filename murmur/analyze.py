@@ -74,9 +74,10 @@ def attention_weights(model, win: Window, encoder: bool = True):
     ('self', layer, w[H, T, T]) and ('cross', layer, w[H, T, F]) for the window."""
     dev, dt = model.device, model.dtype
     enc = model.encoder
-    x = F.gelu(enc.conv1(win.mel[None].to(dev, dt)))
+    edt = enc.dtype  # the encoder may run narrower than the decoder
+    x = F.gelu(enc.conv1(win.mel[None].to(dev, edt)))
     x = F.gelu(enc.conv2(x)).transpose(1, 2)
-    x = x + enc.positional_embedding[: x.shape[1]].to(dt)
+    x = x + enc.positional_embedding[: x.shape[1]].to(edt)
     for i, block in enumerate(enc.blocks):
         a = block.attn
         h = block.attn_ln(x)
@@ -84,9 +85,9 @@ def attention_weights(model, win: Window, encoder: bool = True):
         w = torch.softmax((q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5), dim=-1)
         if encoder:
             yield "enc", i, w[0]
-        x = x + a.out(a.merge((w.to(dt) @ v)))
+        x = x + a.out(a.merge((w.to(edt) @ v)))
         x = x + block.mlp(block.mlp_ln(x))
-    feats = enc.ln_post(x)
+    feats = enc.ln_post(x).to(dt)
     dec = model.decoder
     toks = torch.tensor([win.prompt + win.tokens], device=dev)
     t = toks.shape[1]

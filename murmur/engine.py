@@ -77,7 +77,7 @@ class Engine:
         self.device = self.model.device
         self.cache = KVCache(d.n_text_layer, self.batch_size, d.n_text_head, d.n_text_state // d.n_text_head,
                              d.n_text_ctx, d.n_audio_ctx, dtype=self.model.dtype, device=self.device,
-                             policy=kv_policy)
+                             policy=kv_policy, cross_dtype=loaded.cross_dtype)
         self.rules = LogitRules(self.tok, d.n_vocab, options, loaded.suppress_tokens,
                                 loaded.suppress_tokens_begin, self.device)
         self.state = RowState.zeros(self.batch_size, self.device)

@@ -99,9 +99,14 @@ class AudioEncoder(nn.Module):
                                     for _ in range(d.n_audio_layer))
         self.ln_post = nn.LayerNorm(d.n_audio_state)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv1.weight.dtype
+
     def forward(self, mel: Tensor, hooks: list[EncoderHook] = ()) -> Tensor:
-        """mel [B, n_mels, 3000] -> features [B, frames, C]; frames < 1500 if a hook dropped some."""
-        x = F.gelu(self.conv1(mel))
+        """mel [B, n_mels, 3000] -> features [B, frames, C] in the encoder's own dtype (it may run
+        narrower than the decoder); frames < 1500 if a hook dropped some."""
+        x = F.gelu(self.conv1(mel.to(self.dtype)))
         x = F.gelu(self.conv2(x)).transpose(1, 2)
         x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
         for i, block in enumerate(self.blocks):
@@ -152,14 +157,14 @@ class TextDecoder(nn.Module):
             ca = block.cross_attn
             h = block.cross_attn_ln(x)
             q = ca.heads(ca.query(h))
-            xk, xv = cache.cross(i, step)
+            xk, xv = cache.cross(i, step)  # the cache may hold speech K/V narrower than x
             if attn_probe is not None:
-                w = torch.softmax((q @ xk.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+                w = torch.softmax((q @ xk.transpose(-1, -2).to(q.dtype)) * (q.shape[-1] ** -0.5)
                                   + step.cross_bias, dim=-1)
                 attn_probe(i, w)
-                o = w @ xv
+                o = w @ xv.to(q.dtype)
             else:
-                o = F.scaled_dot_product_attention(q, xk, xv, attn_mask=step.cross_mask)
+                o = F.scaled_dot_product_attention(q.to(xk.dtype), xk, xv, attn_mask=step.cross_mask).to(q.dtype)
             x = x + ca.out(ca.merge(o))
             x = x + block.mlp(block.mlp_ln(x))
         cache.commit(step)

@@ -190,10 +190,16 @@ def test_long_silence_is_empty_and_quick(tmp_path, tiny):
 
 
 def test_int8_matches_float32_on_jfk(tiny, jfk_audio):
-    """int8, the CPU default (every Linear and the tied logit head), must not change a clean transcript."""
-    q = murmur.load_model("tiny.en")
-    assert q.compute_type == "int8" and q.model.decoder.output is not None
-    assert murmur.transcribe(jfk_audio, q).text == murmur.transcribe(jfk_audio, tiny).text
+    """The CPU defaults must not change a clean transcript: int8 (every Linear and the tied logit
+    head) and int8_bfloat16 (bf16 encoder), both with bf16 speech K/V in the cache."""
+    from murmur.loading import native_bf16
+    assert murmur.load_model("tiny.en").compute_type == ("int8_bfloat16" if native_bf16() else "int8")
+    ref = murmur.transcribe(jfk_audio, tiny).text
+    for ct in ("int8", "int8_bfloat16"):
+        q = murmur.load_model("tiny.en", compute_type=ct)
+        assert q.compute_type == ct and q.model.decoder.output is not None
+        assert q.model.encoder.dtype == (torch.bfloat16 if ct == "int8_bfloat16" else torch.float32)
+        assert murmur.transcribe(jfk_audio, q).text == ref
     with pytest.raises(ModelError, match="compute type"):
         murmur.load_model("tiny.en", compute_type="int4")
 

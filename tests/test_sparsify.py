@@ -18,7 +18,7 @@ def mel(jfk_path):
 
 def _blocks(enc, mel, upto):
     """The encoder's activations after block `upto` and the attention mass each frame received there."""
-    x = F.gelu(enc.conv1(mel))
+    x = F.gelu(enc.conv1(mel.to(enc.dtype)))
     x = F.gelu(enc.conv2(x)).transpose(1, 2) + enc.positional_embedding
     received = None
     for i, b in enumerate(enc.blocks[: upto + 1]):
