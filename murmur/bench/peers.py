@@ -12,6 +12,7 @@ is the growth during the call.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -19,7 +20,8 @@ from functools import lru_cache
 
 import numpy as np
 
-CPU_THREADS = 2
+# the same threads as Murmur's runs (murmur.transcribe.set_threads)
+CPU_THREADS = int(os.environ.get("MURMUR_THREADS", 0)) or os.cpu_count() or 1
 SAMPLE_RATE = 16000
 SEED = 0
 PEERS = ("faster-whisper", "faster-whisper-batched")

@@ -127,7 +127,8 @@ def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None
         # the samples the bench holds in memory before the run: RSS can be flat only above them
         "input_audio_mb": round(sum(it.audio.nbytes for it in items) / 2**20, 1),
         "tokens_per_s": round(agg("tokens") / max(agg("decode_s"), 1e-9), 1),
-        "vad_s": agg("vad_s"), "encode_s": agg("encode_s"), "decode_s": agg("decode_s"), "stitch_s": agg("stitch_s"),
+        "vad_s": agg("vad_s"), "encode_s": agg("encode_s"), "decode_s": agg("decode_s"),
+        "prefill_s": agg("prefill_s"), "forward_s": agg("forward_s"), "stitch_s": agg("stitch_s"),
         "chunks": int(agg("chunks")), "windows": int(agg("windows")), "fallbacks": int(agg("fallbacks")),
         "batch_occupancy": round(slot_steps, 3), "wasted_row_frac": round(1 - slot_steps, 3),
         "mean_active_rows": round(np.mean([s.get("mean_active_rows", 0) for s in stats]), 2),
