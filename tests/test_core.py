@@ -98,6 +98,17 @@ def test_temperature_fallback_runs(tiny, jfk_audio):
     assert len(normalize(r.text).split()) > 10
 
 
+def test_sampling_follows_the_distribution():
+    from murmur.decoding import sample
+    probs = torch.tensor([[0.0, 0.1, 0.0, 0.2, 0.3, 0.4, 0.0]]).expand(40000, -1)
+    got = sample(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(got, minlength=7).double() / len(got)
+    assert freq[[0, 2, 6]].sum() == 0  # zero-probability tokens never come
+    torch.testing.assert_close(freq, probs[0].double(), atol=0.01, rtol=0)
+    assert torch.equal(sample(probs[:50], torch.Generator().manual_seed(1)),
+                       sample(probs[:50], torch.Generator().manual_seed(1)))
+
+
 def test_initial_prompt_is_used(tiny, jfk_audio):
     r = murmur.transcribe(jfk_audio, tiny, initial_prompt="JFK INAUGURAL ADDRESS, 1961.")
     assert "country" in r.text.lower()
