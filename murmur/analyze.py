@@ -87,8 +87,8 @@ def attention_weights(model, win: Window, encoder: bool = True):
             yield "enc", i, w[0]
         x = x + a.out(a.merge((w.to(edt) @ v)))
         x = x + block.mlp(block.mlp_ln(x))
-    feats = enc.ln_post(x).to(dt)
     dec = model.decoder
+    cross = dec.cross_kv(enc.ln_post(x))
     toks = torch.tensor([win.prompt + win.tokens], device=dev)
     t = toks.shape[1]
     x = dec.token_embedding(toks) + dec.positional_embedding[:t]
@@ -103,7 +103,8 @@ def attention_weights(model, win: Window, encoder: bool = True):
         x = x + a.out(a.merge(w.to(dt) @ v))
         ca = block.cross_attn
         h = block.cross_attn_ln(x)
-        q, k, v = ca.heads(ca.query(h)), ca.heads(ca.key(feats)), ca.heads(ca.value(feats))
+        q = ca.heads(ca.query(h))
+        k, v = (t.to(q.dtype) for t in cross[i])
         w = torch.softmax((q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5), dim=-1)
         yield "cross", i, w[0]
         x = x + ca.out(ca.merge(w.to(dt) @ v))

@@ -263,13 +263,22 @@ def native_bf16() -> bool:
                 or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
-def quantize_int8(model: Whisper, encoder: bool = True) -> Whisper:
-    """int8 for the decoder's Linears and tied logit projection (CPU), row-wise: see murmur.quant;
-    also the encoder's unless `encoder` is False."""
+def quantize_int8(model: Whisper, bf16_encoder: bool = False) -> Whisper:
+    """int8 for every Linear and the tied logit projection (CPU), row-wise: see murmur.quant.
+
+    With `bf16_encoder` the encoder and the decoder's cross K/V projections (which run once per
+    window on 1500 frames, not once per token) stay in bf16 instead: on a CPU with bf16 in
+    hardware their large GEMMs beat int8's, whose per-row quantisation passes cost more than the
+    integer products."""
     from .quant import Int8Linear, quantize_linears
-    quantize_linears(model.decoder)
-    if encoder:
+    once_per_window = [m for b in model.decoder.blocks for m in (b.cross_attn.key, b.cross_attn.value)]
+    if bf16_encoder:
+        model.encoder.to(torch.bfloat16)
+        for m in once_per_window:
+            m.to(torch.bfloat16)
+    else:
         quantize_linears(model.encoder)
+    quantize_linears(model.decoder, skip=once_per_window if bf16_encoder else ())
     model.decoder.output = Int8Linear(model.decoder.token_embedding.weight, None)
     return model
 
@@ -281,9 +290,9 @@ def load_model(name_or_path: str | os.PathLike = "tiny.en", device: str | None =
     Compute types:
       int8           (CPU) every Linear int8, row-wise, so batch-invariant (murmur.quant); speech K/V
                      of the decoder cache in bf16 (a decode step's largest read, halved).
-      int8_bfloat16  (CPU) the decoder as int8; the encoder in bf16. Where the CPU has bf16 in
-                     hardware, the encoder's large GEMMs run 2.7x faster than int8's, whose
-                     per-row quantisation passes cost more than the integer products.
+      int8_bfloat16  (CPU) the per-token decoder as int8; the encoder and the cross K/V
+                     projections in bf16. Where the CPU has bf16 in hardware, their large GEMMs
+                     run 2.7x faster than int8's (see quantize_int8).
       float32, float16, bfloat16: the whole model in that dtype.
     'auto' is float16 on CUDA; on CPU int8_bfloat16 where bf16 is native, else int8 (as faster-whisper).
     `dtype` overrides a float compute type."""
@@ -322,9 +331,7 @@ def load_model(name_or_path: str | os.PathLike = "tiny.en", device: str | None =
     loaded.model.to(device=device, dtype=dtype).eval()
     loaded.model.requires_grad_(False)
     if compute_type.startswith("int8"):
-        quantize_int8(loaded.model, encoder=compute_type == "int8")
-        if compute_type == "int8_bfloat16":
-            loaded.model.encoder.to(torch.bfloat16)
+        quantize_int8(loaded.model, bf16_encoder=compute_type == "int8_bfloat16")
         loaded.cross_dtype = torch.bfloat16
     elif not cuda:
         loaded.model.decoder.output = TiedLogits(loaded.model.decoder.token_embedding.weight)

@@ -134,7 +134,9 @@ class TextDecoder(nn.Module):
         out = []
         for b in self.blocks:
             ca = b.cross_attn
-            out.append((ca.heads(ca.key(features)), ca.heads(ca.value(features))))
+            w = getattr(ca.key, "weight", None)  # a float projection takes its own dtype (int8 casts itself)
+            x = features if w is None else features.to(w.dtype)
+            out.append((ca.heads(ca.key(x)), ca.heads(ca.value(x))))
         return out
 
     def forward(self, tokens: Tensor, cache, start: int = 0, active=None, attn_probe=None,

@@ -44,10 +44,12 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def quantize_linears(module: nn.Module) -> None:
-    """Swap every nn.Linear inside `module` for an Int8Linear, in place."""
+def quantize_linears(module: nn.Module, skip=()) -> None:
+    """Swap every nn.Linear inside `module` for an Int8Linear, in place, except those in `skip`."""
     for name, child in list(module.named_children()):
+        if any(child is m for m in skip):
+            continue
         if isinstance(child, nn.Linear):
             setattr(module, name, Int8Linear.from_linear(child))
         else:
-            quantize_linears(child)
+            quantize_linears(child, skip)
