@@ -276,3 +276,17 @@ def test_physical_kv_bounded_on_long_full_chunk(tiny, clips):
     assert t.stats["kv_self_evicted"] > 0 and t.stats["kv_cross_evicted"] > 0
     assert t.stats["kv_physical"] < t.stats["kv_logical"]
     assert len(t.text.split()) > 100
+
+
+def test_analyze_attention_on_jfk(tiny, jfk_path, tmp_path):
+    """`murmur analyze attention`: per-head locality tables and the files, on real speech."""
+    from murmur.analyze import analyze_attention
+    res = analyze_attention(jfk_path, tiny, out_dir=tmp_path, max_windows=1)
+    d = tiny.model.dims
+    local = np.asarray(res["decoder_cross"]["local"])
+    assert local.shape == (d.n_text_layer, d.n_text_head) and 0 <= local.min() and local.max() <= 1
+    # heads differ: some follow the audio near the last timestamp (speech-follow), some look far
+    # away (DuoAttention's retrieval heads)
+    assert local.max() > 0.7 and local.min() < 0.3
+    for name in ("attention.txt", "attention.json", "attention.png"):
+        assert (tmp_path / name).stat().st_size > 0
