@@ -10,14 +10,17 @@ from pathlib import Path
 from .errors import MurmurError
 
 CHUNK_CHOICES = ("30", "60", "120", "300", "600", "full")
+# murmur.loading.COMPUTE_TYPES, kept here so `murmur --help` does not import torch (a test checks)
+COMPUTE_TYPES = ("auto", "int8", "int8_bfloat16", "float32", "float16", "bfloat16")
 DEFAULT_CHUNK = "30"  # best WER in the stitched-set sweep (README, docs/bench.png)
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny.en", help="tiny.en (default), base, or a local model path")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--compute-type", default="auto", choices=("auto", "int8", "float32", "float16", "bfloat16"),
-                   help="auto: int8 on CPU (row-wise, batch-invariant), float16 on CUDA")
+    p.add_argument("--compute-type", default="auto", choices=COMPUTE_TYPES,
+                   help="auto: on CPU int8_bfloat16 where bf16 is native (bf16 encoder, int8 decoder), "
+                        "else int8 (row-wise, batch-invariant); float16 on CUDA")
     p.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default)")
     p.add_argument("--language", default=None, help="language code; default: en, or detected for multilingual")
     p.add_argument("--chunk-size", default=DEFAULT_CHUNK, choices=CHUNK_CHOICES,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -34,6 +35,7 @@ class Request:
     features: Tensor | None = None  # encoder output, kept across temperature fallbacks
     # called on a greedy row's tokens every STOP_EVERY steps; True ends the row as rejected
     stop_check: Callable[[list[int]], bool] | None = None
+    key: tuple = ()  # what the request is (where its window starts, temperature index): seeds its sampling
     # results
     tokens: list[int] = field(default_factory=list)
     sum_logprob: float = 0.0
@@ -56,6 +58,7 @@ class _Active:
 
     def __init__(self, req: Request, rows: list[int], beam: BeamGroup | None):
         self.req, self.rows, self.beam = req, rows, beam
+        self.gen: torch.Generator | None = None
         self.seqs: list[list[int]] = [[] for _ in rows]
         self.sums = [0.0] * len(rows)
         self.done = [False] * len(rows)
@@ -65,7 +68,7 @@ class _Active:
 class Engine:
     def __init__(self, loaded: LoadedModel, options: DecodingOptions = DecodingOptions(),
                  batch_size: int = 8, encoder_batch: int | None = None, kv_policy=None,
-                 encoder_hooks=(), seed: int = 0):
+                 encoder_hooks=(), seed: int = 0, encode_ahead: int = 0):
         self.loaded = loaded
         self.model = loaded.model
         self.tok = loaded.tokenizer
@@ -84,9 +87,10 @@ class Engine:
                                 loaded.suppress_tokens_begin, self.device)
         self.state = RowState.zeros(self.batch_size, self.device)
         self.encoder_hooks = list(encoder_hooks)
+        self.encode_ahead = encode_ahead
         self.owner_of: list[_Active | None] = [None] * self.batch_size
         self.last_token = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
-        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.seed = seed
         # decode_s = prefill_s (admission: cross K/V, prompt) + forward_s (steps) + the rest of the
         # steps (logit rules, selection, bookkeeping)
         self.stats = {"encode_s": 0.0, "decode_s": 0.0, "prefill_s": 0.0, "forward_s": 0.0, "windows": 0, "steps": 0, "tokens": 0,
@@ -119,6 +123,10 @@ class Engine:
             self.stats["joined_running"] += 1  # continuous batching: it joins rows mid-decode
         beam = BeamGroup(n, self.options.patience, self.tok.eot) if (req.temperature == 0 and n > 1) else None
         act = _Active(req, rows, beam)
+        if req.temperature > 0:
+            # a generator per request, seeded by what the request is: its samples never depend on
+            # which rows share its steps, so batching and scheduling leave the text as it is
+            act.gen = torch.Generator(device=self.device).manual_seed(hash((self.seed, req.key)) & (2**63 - 1))
         for r in rows:
             self.owner_of[r] = act
         r0 = rows[0]
@@ -159,11 +167,10 @@ class Engine:
         logits = self.rules(logits.float(), RowState(st.n_sampled[idx], st.last[idx], st.penult[idx],
                                                      st.last_stamp[idx]))
         nxt = logits.argmax(dim=-1)
-        hot = [(where[r], a.req.temperature) for a in acts if a.req.temperature > 0 for r in a.rows]
-        if hot:  # sample only the rows of requests at a fallback temperature
-            hot_t = torch.tensor([i for i, _ in hot], device=self.device)
-            temps = torch.tensor([t for _, t in hot], device=self.device)
-            nxt[hot_t] = sample(torch.softmax(logits[hot_t] / temps[:, None], dim=-1), self.gen)
+        for a in acts:  # sample only the rows of requests at a fallback temperature
+            if a.req.temperature > 0:
+                hot = torch.tensor([where[r] for r in a.rows], device=self.device)
+                nxt[hot] = sample(torch.softmax(logits[hot] / a.req.temperature, dim=-1), a.gen)
         norm = logits.logsumexp(dim=-1)
         lp = logits.gather(1, nxt[:, None]).squeeze(1) - norm
         nxt_h, lp_h = nxt.tolist(), lp.tolist()
@@ -238,27 +245,52 @@ class Engine:
     def run(self, scheduler: Scheduler) -> None:
         """Decode until the scheduler has nothing left. Before every step each free row takes the
         next ready window; a request that needs more rows than are free (a fallback's best_of
-        candidates) waits at the head of the line while the running rows finish."""
+        candidates) waits at the head of the line while the running rows finish.
+
+        With `encode_ahead` > 0 an encoder thread works that many windows ahead of the free rows
+        while the decoder steps: encoding and decoding overlap on two cores. Rows are
+        batch-invariant, so the step a window joins at never changes its text."""
         self._completed: list[Request] = []
-        held: deque[Request] = deque()
-        while True:
-            if not held and self._free_rows():
-                reqs = scheduler.pop_ready(len(self._free_rows()))
-                self.encode(reqs)
-                held.extend(reqs)
-            admitted = 0
-            while held and self.rows_for(held[0]) <= len(self._free_rows()):
-                self._admit(held.popleft())
-                self._drain(scheduler)
-                admitted += 1
-            busy = [i for i, o in enumerate(self.owner_of) if o is not None]
-            if busy:
-                self._step(busy[-1] + 1)
-                self._drain(scheduler)
-            elif scheduler.finished():
-                return
-            elif not admitted:  # every row is free, yet nothing came: the scheduler must have work
-                raise RuntimeError("scheduler stalled: no ready request and not finished")
+        held: deque[tuple[Request, Future | None]] = deque()
+        pool = None
+        if self.encode_ahead:
+            # the encoder thread gets its own intra-op threads: one each keeps 2 cores from oversubscribing
+            n = torch.get_num_threads()
+            pool = ThreadPoolExecutor(1, thread_name_prefix="murmur-encoder", initializer=torch.set_num_threads,
+                                      initargs=(max(1, n),))
+        try:
+            while True:
+                free = len(self._free_rows())
+                want = free + self.encode_ahead - len(held)
+                if want > 0 and (pool is not None or not held):
+                    reqs = scheduler.pop_ready(want)
+                    if pool is not None:
+                        held.extend((r, pool.submit(self.encode, [r])) for r in reqs)
+                    else:
+                        self.encode(reqs)
+                        held.extend((r, None) for r in reqs)
+                admitted = 0
+                while held and self.rows_for(held[0][0]) <= len(self._free_rows()):
+                    req, fut = held[0]
+                    if fut is not None:
+                        if not fut.done() and any(o is not None for o in self.owner_of):
+                            break  # step the running rows while the encoder finishes this window
+                        fut.result()
+                    held.popleft()
+                    self._admit(req)
+                    self._drain(scheduler)
+                    admitted += 1
+                busy = [i for i, o in enumerate(self.owner_of) if o is not None]
+                if busy:
+                    self._step(busy[-1] + 1)
+                    self._drain(scheduler)
+                elif not held and scheduler.finished():
+                    return
+                elif not admitted and not held:  # every row is free, yet nothing came
+                    raise RuntimeError("scheduler stalled: no ready request and not finished")
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def _drain(self, scheduler: Scheduler) -> None:
         done, self._completed = self._completed, []

@@ -129,7 +129,12 @@ class ChunkStream:
                      and t_index + 1 < len(o.temperature))
         stop = self._over_compression if stoppable else None
         return Request(mel=mel, prompt=prompt, temperature=temperature, sample_len=sample_len, owner=self,
-                       tag={"size": size, "t_index": t_index}, features=features, stop_check=stop)
+                       tag={"size": size, "t_index": t_index}, features=features, stop_check=stop,
+                       key=(self._window_start_cs(), t_index))
+
+    def _window_start_cs(self) -> int:
+        """Where the window starts in the recording, in centiseconds: what it is, whatever the batch."""
+        return int(round(self.time_map(self.seek * HOP_LENGTH / SAMPLE_RATE) * 100))
 
     def _ratio(self, tokens: list[int]) -> float:
         """Compression ratio of the text of `tokens` (timestamps and eot left out)."""

@@ -98,6 +98,11 @@ def test_temperature_fallback_runs(tiny, jfk_audio):
     assert len(normalize(r.text).split()) > 10
 
 
+def test_cli_compute_types_are_the_loaders():
+    from murmur import cli, loading
+    assert cli.COMPUTE_TYPES == loading.COMPUTE_TYPES
+
+
 def test_sampling_follows_the_distribution():
     from murmur.decoding import sample
     probs = torch.tensor([[0.0, 0.1, 0.0, 0.2, 0.3, 0.4, 0.0]]).expand(40000, -1)
