@@ -44,6 +44,7 @@ class DiarizeOptions:
     # matmuls are too small to split: 2 threads on a busy 2-core machine ran 4-14x slower than 1.
     # None keeps the process setting.
     threads: int | None = 1
+    bf16: bool | None = None  # LSTM in bfloat16; None: where the CPU has it natively (embed_windows)
     vad: object = None  # murmur.vad.VadOptions for the default regions; None: _vad_defaults()
 
 
@@ -152,11 +153,17 @@ def _spans(regions, n_frames: int, opts: DiarizeOptions) -> list[tuple[int, int]
     return out
 
 
-def embed_windows(mel: torch.Tensor, spans: list[tuple[int, int]], threads: int | None = 1
-                  ) -> np.ndarray:
-    """L2-normalised GE2E embeddings (n, 256) of mel[start:end] for each (start, end) span."""
+def embed_windows(mel: torch.Tensor, spans: list[tuple[int, int]], threads: int | None = 1,
+                  bf16: bool | None = None) -> np.ndarray:
+    """L2-normalised GE2E embeddings (n, 256) of mel[start:end] for each (start, end) span.
+    bf16: run the LSTM in bfloat16 (None: where the CPU does bf16 in hardware). It was 3x faster
+    on such a CPU, cosine to the float32 embeddings >= 0.996, and the same AMI scores."""
     # plain batches of equal length: packed sequences miss oneDNN and ran ~4x slower
     enc = load_encoder()
+    if bf16 is None:
+        from .loading import native_bf16
+
+        bf16 = native_bf16()
     emb = np.zeros((len(spans), 256), np.float32)
     by_len: dict[int, list[int]] = {}
     for i, (a, b) in enumerate(spans):
@@ -165,12 +172,13 @@ def embed_windows(mel: torch.Tensor, spans: list[tuple[int, int]], threads: int 
     if threads:
         torch.set_num_threads(threads)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for idx in by_len.values():
                 for j in range(0, len(idx), _BATCH):
                     part = idx[j:j + _BATCH]
                     x = torch.stack([mel[spans[i][0]:spans[i][1]] for i in part])
-                    emb[part] = enc(x).numpy()
+                    e = enc(x).float()
+                    emb[part] = (e / e.norm(dim=1, keepdim=True).clamp_min(1e-8)).numpy()
     finally:
         torch.set_num_threads(old)
     return emb
@@ -178,16 +186,35 @@ def embed_windows(mel: torch.Tensor, spans: list[tuple[int, int]], threads: int 
 
 def _cluster(emb: np.ndarray, opts: DiarizeOptions, num: int | None, lo: int, hi: int | None
              ) -> np.ndarray:
-    """Agglomerative clustering of all windows at once; the count comes from num_speakers, else
-    from the distance threshold clamped to [lo, hi]."""
+    """Agglomerative clustering of all windows at once. Speakers are the clusters of at least
+    opts.min_cluster windows; the rest get -1 (the resegmentation gives their speech to the nearest
+    speaker). The count comes from num_speakers, else from the distance threshold, clamped to
+    [lo, hi]; a forced count cuts the tree finer until it has that many such clusters, so a lone
+    outlier window cannot take a speaker's place."""
     n = len(emb)
     if n < 2:
         return np.zeros(n, int)
     from scipy.cluster.hierarchy import fcluster, linkage
 
     z = linkage(emb, method=opts.linkage, metric="cosine")
-    k = num or int(np.clip(fcluster(z, opts.threshold, "distance").max(), lo, hi or n))
-    return fcluster(z, min(k, n), "maxclust") - 1
+
+    def speakers(labels, k):
+        # tiny clusters are mostly coughs, laughter and crosstalk, not speakers
+        sizes = np.bincount(labels)
+        big = [c for c in np.argsort(-sizes, kind="stable") if sizes[c] >= opts.min_cluster][:k]
+        ids = np.full(len(sizes), -1)
+        ids[big] = np.arange(len(big))
+        return ids[labels], len(big)
+
+    labels, found = speakers(fcluster(z, opts.threshold, "distance") - 1, n)
+    want = min(num or int(np.clip(max(found, 1), lo, hi or n)), n)
+    if found == want:
+        return labels
+    for m in range(want, n + 1):
+        labels, found = speakers(fcluster(z, m, "maxclust") - 1, want)
+        if found == want:
+            return labels
+    return fcluster(z, want, "maxclust") - 1  # too few windows for min_cluster: all count
 
 
 def _frame_scores(spans, sims: np.ndarray, n_steps: int, ratio: float) -> np.ndarray:
@@ -240,7 +267,7 @@ def diarize(audio: np.ndarray, sr: int = SR, *, num_speakers: int | None = None,
         from .vad import speech_regions
 
         regions = speech_regions(audio, SR, opts.vad or _vad_defaults())
-    regions = [(max(0.0, s), min(dur, e)) for s, e in regions if min(dur, e) > max(0.0, s)]
+    regions = _join([(max(0.0, s), min(dur, e)) for s, e in regions if min(dur, e) > max(0.0, s)])
     if not regions:
         return []
     if num_speakers == 1 or max_speakers == 1:
@@ -250,8 +277,20 @@ def diarize(audio: np.ndarray, sr: int = SR, *, num_speakers: int | None = None,
     spans = _spans(regions, len(mel), opts)
     if not spans:  # only blips too short to embed: one speaker is all we can say
         return _to_turns([(s, e, 0) for s, e in regions])
-    emb = embed_windows(mel, spans, opts.threads)
+    emb = embed_windows(mel, spans, opts.threads, opts.bf16)
     return _label(regions, spans, emb, len(mel), opts, num_speakers, min_speakers, max_speakers)
+
+
+def _join(regions) -> list[tuple[float, float]]:
+    """Sorted regions with touching ones joined: Silero's padded regions can touch, and the
+    chunker joins them, so the transcriber's regions and our own VAD pass give the same windows."""
+    out: list[list[float]] = []
+    for s, e in sorted(regions):
+        if out and s - out[-1][1] < 1e-3:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
 
 
 def _label(regions, spans, emb, n_frames, opts, num=None, lo=1, hi=None) -> list[Turn]:
@@ -260,13 +299,7 @@ def _label(regions, spans, emb, n_frames, opts, num=None, lo=1, hi=None) -> list
     if not strong.any():
         strong[:] = True
     labels = _cluster(emb[strong], opts, num, lo, hi)
-    ks = [k for k in range(labels.max() + 1) if (labels == k).sum() >= opts.min_cluster]
-    if num is None and len(ks) >= max(lo, 1):
-        # tiny clusters are mostly coughs, laughter and crosstalk: their speech goes to the
-        # nearest real speaker in the resegmentation below
-        labels = np.where(np.isin(labels, ks), labels, -1)
-    else:
-        ks = list(range(labels.max() + 1))
+    ks = [k for k in range(labels.max() + 1) if (labels == k).any()]
     cents = np.stack([emb[strong][labels == k].mean(0) for k in ks])
     cents /= np.linalg.norm(cents, axis=1, keepdims=True)
 

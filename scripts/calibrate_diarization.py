@@ -8,10 +8,16 @@ script also prints a leave-one-out estimate (setting chosen on 12 clips, scored 
 two floors that no clustering can beat: this pipeline labels one speaker at a time, and its VAD
 misses some quiet speech.
 
-DER: pyannote.metrics DiarizationErrorRate(collar=0.5), overlap scored. md-eval's "0.25 s collar"
-is 0.25 s on each side of every reference boundary; pyannote's `collar` is the whole width
-(pyannote/metrics/utils.py, UEMSupportMixin.extrude: Segment(t - 0.5 * collar, t + 0.5 * collar)),
-hence 0.5. The scored span (UEM) is the whole clip.
+DER: murmur.scoring.der, as `murmur bench` and `murmur eval` score it (pyannote.metrics, 0.25 s
+collar on each side of every reference boundary, overlap scored, scored span from the first to the
+last turn of either side), against ami30.rttm. A clip whose reference holds no speech outside the
+collars has no DER and is left out of the DER means (none with ami30.rttm; trn01 and trn02 with
+the bench's SegLST turns, which keep only speech with words).
+
+The last table says where the errors come from: per clip, missed speech / false alarm / confusion,
+the speaker counts, two floors (our VAD with the reference labels inside it, overlap kept; the
+same with one speaker at a time, the best this pipeline can reach), and the clustering with the
+true number of speakers forced (num_speakers), or with the number that speak >= 2 s.
 
     python scripts/calibrate_diarization.py [--data ../shared/data/ami]
 """
@@ -23,64 +29,68 @@ import itertools
 from pathlib import Path
 
 import numpy as np
-from pyannote.core import Annotation, Segment as PSeg, Timeline
-from pyannote.metrics.diarization import DiarizationErrorRate
-
 from murmur import diarize as D
 from murmur.audio import load_audio
+from murmur.scoring import der
 from murmur.vad import speech_regions
 
 CLIPS = ["dev00", "dev01", *(f"trn0{i}" for i in range(1, 10)), "tst00", "tst01"]
 PARTS = ("missed detection", "false alarm", "confusion")
 
 
-def load_reference(rttm: Path) -> dict[str, Annotation]:
-    ref = {c: Annotation(uri=c) for c in CLIPS}
+def load_reference(rttm: Path) -> dict[str, list[tuple[float, float, str]]]:
+    ref: dict[str, list] = {c: [] for c in CLIPS}
     for line in rttm.read_text().splitlines():
         f = line.split()
         if f and f[1] in ref:
-            ref[f[1]][PSeg(float(f[3]), float(f[3]) + float(f[4]))] = f[7]
+            ref[f[1]].append((float(f[3]), float(f[3]) + float(f[4]), f[7]))
     return ref
 
 
-def score(ref: Annotation, pieces, dur: float) -> dict:
-    hyp = Annotation(uri=ref.uri)
-    for i, (s, e, spk) in enumerate(pieces):
-        hyp[PSeg(s, e), i] = spk
-    d = DiarizationErrorRate(collar=0.5)(ref, hyp, uem=Timeline([PSeg(0, dur)]), detailed=True)
-    d["n_hyp"], d["n_ref"] = len(hyp.labels()), len(ref.labels())
-    return d
+def score(ref: list, pieces) -> dict:
+    d = der(ref, pieces)
+    return {"diarization error rate": d["der"], "missed detection": d["missed"],
+            "false alarm": d["false_alarm"], "confusion": d["confusion"], "total": d["total"],
+            "n_hyp": len({p[2] for p in pieces}), "n_ref": len({r[2] for r in ref})}
 
 
-def single_speaker_floor(ref: Annotation, regions, dur: float) -> dict:
-    """Oracle labels inside speech regions (None: the reference's own), one speaker at a time
-    (the one whose turn began last): what perfect clustering would score with that VAD and no
-    overlap detection."""
-    pieces, step = [], 0.01
-    for t in np.arange(0, dur, step):
-        active = [(seg.start, spk) for seg, _, spk in ref.itertracks(yield_label=True)
-                  if seg.start <= t < seg.end]
-        if regions is None or any(s <= t < e for s, e in regions):
-            if active or regions is not None:
-                pieces.append((t, t + step, max(active)[1] if active else "?"))
-    return score(ref, pieces, dur)
+def vad_floor(ref: list, regions) -> dict:
+    """The reference turns cut to our speech regions: errors are the VAD's alone."""
+    return score(ref, [(max(s, a), min(e, b), k) for s, e, k in ref for a, b in regions
+                       if min(e, b) > max(s, a)])
+
+
+def single_speaker_floor(ref: list, regions, step: float = 0.01) -> dict:
+    """Inside our speech regions, the one reference speaker whose turn began last: perfect
+    clustering that labels one speaker at a time."""
+    pieces = []
+    for a, b in regions:
+        for t in np.arange(a, b, step):
+            active = [(s, k) for s, e, k in ref if s <= t < e]
+            pieces.append((t, t + step, max(active)[1] if active else "?"))
+    return score(ref, pieces)
 
 
 def summary(rows: list[dict]) -> dict:
-    tot = sum(r["total"] for r in rows)
+    rows_d = [r for r in rows if r["diarization error rate"] is not None]
+    tot = sum(r["total"] for r in rows_d)
     out = {"hits": sum(r["n_hyp"] == r["n_ref"] for r in rows),
-           "mean": float(np.mean([r["diarization error rate"] for r in rows])),
-           "pooled": sum(sum(r[p] for p in PARTS) for r in rows) / tot}
-    out.update({p: sum(r[p] for r in rows) / tot for p in PARTS})
+           "mean": float(np.mean([r["diarization error rate"] for r in rows_d])),
+           "pooled": sum(sum(r[p] for p in PARTS) for r in rows_d) / tot}
+    out.update({p: sum(r[p] for r in rows_d) / tot for p in PARTS})
     return out
+
+
+def _mean_der(rows) -> float:
+    return float(np.mean([r["diarization error rate"] for r in rows
+                          if r["diarization error rate"] is not None]))
 
 
 def best(results: dict, clips: list[str]):
     # most exact counts first, then the lowest DER averaged over clips
     return max(results, key=lambda k: (sum(results[k][c]["n_hyp"] == results[k][c]["n_ref"]
                                            for c in clips),
-                                       -np.mean([results[k][c]["diarization error rate"]
-                                                 for c in clips])))
+                                       -_mean_der([results[k][c] for c in clips])))
 
 
 def main() -> None:
@@ -94,10 +104,10 @@ def main() -> None:
     cache = {}
     for c in CLIPS:
         audio = load_audio(args.data / f"{c}.flac")
-        regions = speech_regions(audio, D.SR, base.vad or D._vad_defaults())
+        regions = D._join(speech_regions(audio, D.SR, base.vad or D._vad_defaults()))
         mel = D.mel_frames(audio)
         spans = D._spans(regions, len(mel), base)
-        cache[c] = (regions, spans, D.embed_windows(mel, spans, base.threads), len(mel),
+        cache[c] = (regions, spans, D.embed_windows(mel, spans, base.threads, base.bf16), len(mel),
                     len(audio) / D.SR)
 
     grid = {"linkage": ["average", "complete"],
@@ -111,7 +121,7 @@ def main() -> None:
         res = {}
         for c, (regions, spans, emb, n, dur) in cache.items():
             turns = D._label(regions, spans, emb, n, opts) if spans else []
-            res[c] = score(ref[c], [(t.start, t.end, t.speaker) for t in turns], dur)
+            res[c] = score(ref[c], [(t.start, t.end, t.speaker) for t in turns])
         results[vals] = res
         s = summary(list(res.values()))
         print(f"{vals[0]:9} {vals[1]:5.2f} {vals[2]:4d} {s['hits']:4d} {s['mean']:8.3f} "
@@ -122,11 +132,6 @@ def main() -> None:
     print(f"\nchosen: linkage={chosen[0]} threshold={chosen[1]} min_cluster={chosen[2]}  "
           f"(DiarizeOptions now: linkage={base.linkage} threshold={base.threshold} "
           f"min_cluster={base.min_cluster})")
-    print(f"{'clip':6} {'DER':>6} {'miss':>6} {'FA':>6} {'conf':>6} {'scored':>7} {'spk':>5}")
-    for c in CLIPS:
-        r = results[chosen][c]
-        print(f"{c:6} {r['diarization error rate']:6.3f} " + " ".join(
-            f"{r[p]:6.2f}" for p in PARTS) + f" {r['total']:6.2f}s {r['n_hyp']}/{r['n_ref']}")
     s = summary(list(results[chosen].values()))
     print(f"all    mean DER {s['mean']:.3f}  pooled {s['pooled']:.3f} (miss {s['missed detection']:.3f}"
           f" FA {s['false alarm']:.3f} conf {s['confusion']:.3f})  exact count {s['hits']}/13")
@@ -139,13 +144,38 @@ def main() -> None:
     print(f"leave-one-out: mean DER {s['mean']:.3f}  pooled {s['pooled']:.3f}  "
           f"exact count {s['hits']}/13")
 
-    floor = [single_speaker_floor(ref[c], cache[c][0], cache[c][4]) for c in CLIPS]
-    oracle = [single_speaker_floor(ref[c], None, cache[c][4]) for c in CLIPS]
-    for name, rows in (("floor, our VAD + perfect single-speaker labels", floor),
-                       ("floor, perfect VAD + perfect single-speaker labels", oracle)):
-        s = summary(rows)
-        print(f"{name}: mean DER {s['mean']:.3f}  pooled {s['pooled']:.3f} "
-              f"(miss {s['missed detection']:.3f} FA {s['false alarm']:.3f})")
+    # where the errors come from, with the settings DiarizeOptions has now
+    floors = {"vad": [], "single": [], "true k": [], "k >= 2 s": []}
+    print(f"\nerror sources, DiarizeOptions() as now; DER parts in % of the clip's scored speech")
+    print(f"{'clip':6} {'DER':>6} {'miss':>6} {'FA':>6} {'conf':>6} {'spk':>5} | {'VAD fl':>6} "
+          f"{'1-spk fl':>8} {'true k':>6} {'k>=2s':>6}")
+    now = []
+    for c in CLIPS:
+        regions, spans, emb, n, _ = cache[c]
+        big = sum(sum(e - s for s, e, k in ref[c] if k == spk) >= 2.0 for spk in {r[2] for r in ref[c]})
+        forced = {}
+        for name, k in (("true k", len({r[2] for r in ref[c]})), ("k >= 2 s", max(big, 1))):
+            turns = D._label(regions, spans, emb, n, base, num=k) if spans else []
+            forced[name] = score(ref[c], [(t.start, t.end, t.speaker) for t in turns])
+            floors[name].append(forced[name])
+        turns = D._label(regions, spans, emb, n, base) if spans else []
+        r = score(ref[c], [(t.start, t.end, t.speaker) for t in turns])
+        now.append(r)
+        floors["vad"].append(vad_floor(ref[c], regions))
+        floors["single"].append(single_speaker_floor(ref[c], regions))
+        if r["diarization error rate"] is None:
+            print(f"{c:6} {'-':>6} (no reference speech outside the collars) {r['n_hyp']}/{r['n_ref']}")
+            continue
+        pct = lambda x, q=r: 100 * x / q["total"]  # noqa: E731
+        fl = [100 * floors[k][-1]["diarization error rate"] for k in floors]
+        print(f"{c:6} {100 * r['diarization error rate']:6.1f} " + " ".join(
+            f"{pct(r[p]):6.1f}" for p in PARTS) + f" {r['n_hyp']:>2}/{r['n_ref']:<2} | "
+            f"{fl[0]:6.1f} {fl[1]:8.1f} {fl[2]:6.1f} {fl[3]:6.1f}")
+    s = summary(now)
+    print(f"mean   {100 * s['mean']:6.1f} " + " ".join(f"{100 * s[p]:6.1f}" for p in PARTS)
+          + f" {s['hits']:>2}/13 | " + " ".join(
+              f"{100 * summary(floors[k])['mean']:{w}.1f}" for k, w in zip(floors, (6, 8, 6, 6)))
+          + "   (parts pooled)")
 
 
 if __name__ == "__main__":

@@ -85,6 +85,37 @@ def test_global_speaker_map_across_chunks(dialogue, dialogue_turns):
         "SPEAKER_00", "SPEAKER_01", "SPEAKER_00", "SPEAKER_01"]
 
 
+@pytest.mark.parametrize("chunk", [15, None])
+def test_transcribe_labels_words_across_chunks(dialogue, dialogue_turns, tiny, chunk):
+    """transcribe(diarize=True) on the real dialogue, chunked (15 s: chunks end inside turns) and
+    sequential: the turns are diarize()'s own (the chunker's VAD regions are reused, not redone
+    differently), and every word inside a true turn carries that speaker's one label."""
+    from murmur.transcribe import transcribe
+
+    audio, truth = dialogue
+    r = transcribe(audio, tiny, chunk_size=chunk, diarize=True)
+    assert [t.speaker for t in r.turns] == [t.speaker for t in dialogue_turns]
+    assert np.allclose([(t.start, t.end) for t in r.turns],
+                       [(t.start, t.end) for t in dialogue_turns], atol=1e-3)
+    seen: dict[str, set] = {"A": set(), "B": set()}
+    for w in (w for seg in r.segments for w in seg.words):
+        mid = (w.start + w.end) / 2
+        who = [k for s, e, k in truth if s + 0.5 <= mid < e - 0.5]
+        if who:
+            seen[who[0]].add(w.speaker)
+    assert seen == {"A": {"SPEAKER_00"}, "B": {"SPEAKER_01"}}
+
+
+def test_bf16_embeddings_match_float(dialogue):
+    """The bf16 LSTM (the default where the CPU has bf16) gives the float32 embeddings on real
+    speech, to a cosine of 0.99."""
+    mel = D.mel_frames(dialogue[0])
+    spans = [(a, a + 150) for a in range(0, len(mel) - 150, 75)]
+    e32, e16 = D.embed_windows(mel, spans, bf16=False), D.embed_windows(mel, spans, bf16=True)
+    assert np.allclose(np.linalg.norm(e16, axis=1), 1, atol=1e-5)
+    assert (e32 * e16).sum(1).min() > 0.99
+
+
 def test_num_speakers_one_forces_one_label(dialogue):
     turns = diarize(dialogue[0], num_speakers=1)
     assert turns and {x.speaker for x in turns} == {"SPEAKER_00"}
@@ -97,6 +128,28 @@ def test_given_regions_and_num_speakers(dialogue):
     assert {x.speaker for x in turns} == {"SPEAKER_00", "SPEAKER_01"}
     # no turn outside the given regions
     assert all(any(s - 1e-6 <= x.start and x.end <= e + 1e-6 for s, e, _ in truth) for x in turns)
+
+
+def test_forced_count_skips_outlier_windows(data_dir):
+    """AMI dev01 (two speakers, 9 s and 6 s): num_speakers=2 must find those two, not one
+    speaker plus a lone outlier window (a plain 2-cluster cut of the tree did: DER 34 %)."""
+    from murmur.audio import load_audio
+    from murmur.scoring import der
+
+    ami = data_dir / "ami"
+    ref = [(float(f[3]), float(f[3]) + float(f[4]), f[7]) for f in
+           (line.split() for line in (ami / "ami30.rttm").read_text().splitlines()) if f[1] == "dev01"]
+    audio = load_audio(ami / "dev01.flac")
+    forced, auto = diarize(audio, num_speakers=2), diarize(audio)
+    assert {t.speaker for t in forced} == {"SPEAKER_00", "SPEAKER_01"}
+    assert der(ref, forced)["der"] < 0.15
+    assert forced == auto  # the threshold finds the same two here
+    three = diarize(audio, min_speakers=3)
+    assert len({t.speaker for t in three}) == 3
+
+
+def test_touching_regions_are_joined():
+    assert D._join([(3.0, 4.0), (0.0, 1.0), (1.0, 2.5), (2.5005, 2.8)]) == [(0.0, 2.8), (3.0, 4.0)]
 
 
 def test_silence_and_noise_give_no_turns():
