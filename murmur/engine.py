@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -68,7 +67,7 @@ class _Active:
 class Engine:
     def __init__(self, loaded: LoadedModel, options: DecodingOptions = DecodingOptions(),
                  batch_size: int = 8, encoder_batch: int | None = None, kv_policy=None,
-                 encoder_hooks=(), seed: int = 0, encode_ahead: int = 0):
+                 encoder_hooks=(), seed: int = 0):
         self.loaded = loaded
         self.model = loaded.model
         self.tok = loaded.tokenizer
@@ -87,7 +86,6 @@ class Engine:
                                 loaded.suppress_tokens_begin, self.device)
         self.state = RowState.zeros(self.batch_size, self.device)
         self.encoder_hooks = list(encoder_hooks)
-        self.encode_ahead = encode_ahead
         self.owner_of: list[_Active | None] = [None] * self.batch_size
         self.last_token = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
         self.seed = seed
@@ -245,52 +243,27 @@ class Engine:
     def run(self, scheduler: Scheduler) -> None:
         """Decode until the scheduler has nothing left. Before every step each free row takes the
         next ready window; a request that needs more rows than are free (a fallback's best_of
-        candidates) waits at the head of the line while the running rows finish.
-
-        With `encode_ahead` > 0 an encoder thread works that many windows ahead of the free rows
-        while the decoder steps: encoding and decoding overlap on two cores. Rows are
-        batch-invariant, so the step a window joins at never changes its text."""
+        candidates) waits at the head of the line while the running rows finish."""
         self._completed: list[Request] = []
-        held: deque[tuple[Request, Future | None]] = deque()
-        pool = None
-        if self.encode_ahead:
-            # the encoder thread gets its own intra-op threads: one each keeps 2 cores from oversubscribing
-            n = torch.get_num_threads()
-            pool = ThreadPoolExecutor(1, thread_name_prefix="murmur-encoder", initializer=torch.set_num_threads,
-                                      initargs=(max(1, n),))
-        try:
-            while True:
-                free = len(self._free_rows())
-                want = free + self.encode_ahead - len(held)
-                if want > 0 and (pool is not None or not held):
-                    reqs = scheduler.pop_ready(want)
-                    if pool is not None:
-                        held.extend((r, pool.submit(self.encode, [r])) for r in reqs)
-                    else:
-                        self.encode(reqs)
-                        held.extend((r, None) for r in reqs)
-                admitted = 0
-                while held and self.rows_for(held[0][0]) <= len(self._free_rows()):
-                    req, fut = held[0]
-                    if fut is not None:
-                        if not fut.done() and any(o is not None for o in self.owner_of):
-                            break  # step the running rows while the encoder finishes this window
-                        fut.result()
-                    held.popleft()
-                    self._admit(req)
-                    self._drain(scheduler)
-                    admitted += 1
-                busy = [i for i, o in enumerate(self.owner_of) if o is not None]
-                if busy:
-                    self._step(busy[-1] + 1)
-                    self._drain(scheduler)
-                elif not held and scheduler.finished():
-                    return
-                elif not admitted and not held:  # every row is free, yet nothing came
-                    raise RuntimeError("scheduler stalled: no ready request and not finished")
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+        held: deque[Request] = deque()
+        while True:
+            if not held and self._free_rows():
+                reqs = scheduler.pop_ready(len(self._free_rows()))
+                self.encode(reqs)
+                held.extend(reqs)
+            admitted = 0
+            while held and self.rows_for(held[0]) <= len(self._free_rows()):
+                self._admit(held.popleft())
+                self._drain(scheduler)
+                admitted += 1
+            busy = [i for i, o in enumerate(self.owner_of) if o is not None]
+            if busy:
+                self._step(busy[-1] + 1)
+                self._drain(scheduler)
+            elif scheduler.finished():
+                return
+            elif not admitted:  # every row is free, yet nothing came: the scheduler must have work
+                raise RuntimeError("scheduler stalled: no ready request and not finished")
 
     def _drain(self, scheduler: Scheduler) -> None:
         done, self._completed = self._completed, []

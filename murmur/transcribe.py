@@ -131,7 +131,6 @@ def transcribe(
     max_speakers: int | None = None,
     queue_limit: int | None = None,
     seed: int = 0,
-    encode_ahead: int | None = None,
     **decode_kw,
 ) -> Transcript:
     """Transcribe one recording. `chunk_size` None/'full' is sequential mode; seconds cut at silences
@@ -182,7 +181,7 @@ def transcribe(
                            language=lang, word_timestamps=word_timestamps, model=loaded)
                for i, p in enumerate(plans)]
     engine = Engine(loaded, opts, batch_size=batch_size, kv_policy=kv_policy, encoder_hooks=hooks,
-                    seed=seed, encode_ahead=encode_ahead or 0)
+                    seed=seed)
     speech_total = sum(p.n_samples for p in plans) / SAMPLE_RATE
     bar = _progress(progress, duration, speech_total, source)
     scheduler = StreamScheduler(streams, max_open=queue_limit or 2 * engine.batch_size,
