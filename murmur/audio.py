@@ -198,7 +198,11 @@ def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0, device=None) 
     ``padding`` zero samples are appended first (whisper passes N_SAMPLES).
     """
     if not torch.is_tensor(audio):
-        audio = torch.from_numpy(np.asarray(audio, dtype=np.float32))
+        with warnings.catch_warnings():
+            # a read-only recording (a view the caller keeps) is fine: nothing here writes to it,
+            # and copying a whole recording to silence the warning would cost its size again
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            audio = torch.from_numpy(np.asarray(audio, dtype=np.float32))
     audio = audio.float()
     if device is not None:
         audio = audio.to(device)

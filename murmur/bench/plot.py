@@ -29,6 +29,14 @@ def _is_peer(row) -> bool:
     return str(row.get("kind", "")).lower() in ("peer", "baseline", "faster-whisper")
 
 
+def _label(name: str) -> str:
+    """A point's label: the marker already says murmur or peer, so keep what differs."""
+    for a, b in (("murmur ", ""), (" beam1", ""), ("faster-whisper", "fw"), ("chunk=", "chunk "),
+                 ("batch=", "b"), ("sparsity=", "sparsity "), ("kv=", "")):
+        name = name.replace(a, b)
+    return name
+
+
 def plot_accuracy_latency(rows: list[dict], path, title: str | None = None):
     """WER (%) against wall time (s); ``rows`` have name, wer (percent, as bench rows), wall_s, kind.
 
@@ -42,7 +50,7 @@ def plot_accuracy_latency(rows: list[dict], path, title: str | None = None):
 
     xs = [float(r["wall_s"]) for r in rows]
     ys = [float(r["wer"]) for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(10, 6.5), dpi=120)
     ours = [i for i, r in enumerate(rows) if not _is_peer(r)]
     peers = [i for i, r in enumerate(rows) if _is_peer(r)]
     if ours:
@@ -52,7 +60,7 @@ def plot_accuracy_latency(rows: list[dict], path, title: str | None = None):
         ax.scatter([xs[i] for i in peers], [ys[i] for i in peers], marker="s",
                    color="tab:orange", label="peer", zorder=3)
     for x, y, r in zip(xs, ys, rows):
-        ax.annotate(str(r["name"]), (x, y), textcoords="offset points", xytext=(5, 4),
+        ax.annotate(_label(str(r["name"])), (x, y), textcoords="offset points", xytext=(5, 4),
                     fontsize=7)
     front = pareto_front(list(zip(xs, ys)))
     if len(front) > 1:
