@@ -3,7 +3,7 @@
 A `Request` is one 30-s window to decode. The engine keeps up to `batch_size` decoder rows busy:
 each step decodes one token for every active row; a request whose rows finish hands its result back
 to the scheduler and its rows go at once to the next ready request, so no row waits for another and
-no padding is decoded. Windows are encoded in batches as they are admitted.
+no padding is decoded. Windows are encoded as they are admitted (in batches on CUDA).
 """
 from __future__ import annotations
 
@@ -91,8 +91,9 @@ class Engine:
         self.seed = seed
         # decode_s = prefill_s (admission: cross K/V, prompt) + forward_s (steps) + the rest of the
         # steps (logit rules, selection, bookkeeping)
-        self.stats = {"encode_s": 0.0, "decode_s": 0.0, "prefill_s": 0.0, "forward_s": 0.0, "windows": 0, "steps": 0, "tokens": 0,
-                      "row_steps": 0, "slot_steps": 0, "encoded_windows": 0, "joined_running": 0}
+        self.stats = {"encode_s": 0.0, "decode_s": 0.0, "prefill_s": 0.0, "forward_s": 0.0, "windows": 0,
+                      "steps": 0, "tokens": 0, "row_steps": 0, "slot_steps": 0, "encoded_windows": 0,
+                      "joined_running": 0}
 
     # --- encoder -----------------------------------------------------------------------------
     @torch.inference_mode()
