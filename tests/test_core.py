@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -227,3 +228,14 @@ def test_progress_counts_recording_seconds(tiny, jfk_audio):
     assert seen and all(t == pytest.approx(r.duration) for _, t in seen)
     assert seen[-1][0] == pytest.approx(r.duration, abs=0.05)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_openmp_spin_default_keeps_a_users_value():
+    # a short OpenMP spin keeps 2-thread runs usable on a busy machine (README, accuracy vs latency)
+    code = "import os, murmur; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "10000"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "5"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "5"
