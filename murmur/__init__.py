@@ -3,7 +3,7 @@ import os
 
 # Before torch loads GNU OpenMP: its threads spin ~300k times at every barrier before they sleep,
 # so with another process busy on one of 2 cores each op waits for a descheduled thread. 10k spins:
-# stitched set 82 -> 21 s with one core taken, 7.8-8.0 -> 7.9-8.1 s when idle. A user's value wins.
+# stitched set 82 -> 21 s with one core taken, 7.9-8.0 -> 8.1-8.3 s when idle. A user's value wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from .decoding import DecodingOptions  # noqa: E402
