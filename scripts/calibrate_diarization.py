@@ -5,8 +5,8 @@ linkage x distance threshold x min_cluster and prints, per setting, the exact sp
 hits, the DER averaged over clips, the pooled DER and its parts. The setting kept maximises hits,
 then minimises the mean DER. With 13 clips that choice is fitted on the test set itself, so the
 script also prints a leave-one-out estimate (setting chosen on 12 clips, scored on the 13th), and
-two floors that no clustering can beat: this pipeline labels one speaker at a time, and its VAD
-misses some quiet speech.
+two floors: its VAD misses some quiet speech, which no clustering can recover, and labelling one
+speaker at a time misses all overlap (the overlap stage, DiarizeOptions.overlap, gets under it).
 
 DER: murmur.scoring.der, as `murmur bench` and `murmur eval` score it (pyannote.metrics, 0.25 s
 collar on each side of every reference boundary, overlap scored, scored span from the first to the
@@ -16,7 +16,7 @@ the bench's SegLST turns, which keep only speech with words).
 
 The last table says where the errors come from: per clip, missed speech / false alarm / confusion,
 the speaker counts, two floors (our VAD with the reference labels inside it, overlap kept; the
-same with one speaker at a time, the best this pipeline can reach), and the clustering with the
+same with one speaker at a time, the best without the overlap stage), and the clustering with the
 true number of speakers forced (num_speakers), or with the number that speak >= 2 s.
 
     python scripts/calibrate_diarization.py [--data ../shared/data/ami]
@@ -32,6 +32,7 @@ import numpy as np
 from murmur import diarize as D
 from murmur.audio import load_audio
 from murmur.scoring import der
+from murmur.segmentation import speaker_counts
 from murmur.vad import speech_regions
 
 CLIPS = ["dev00", "dev01", *(f"trn0{i}" for i in range(1, 10)), "tst00", "tst01"]
@@ -107,8 +108,11 @@ def main() -> None:
         regions = D._join(speech_regions(audio, D.SR, base.vad or D._vad_defaults()))
         mel = D.mel_frames(audio)
         spans = D._spans(regions, len(mel), base)
+        # overlap counts once per clip over every speech window (diarize runs only the windows
+        # that hold a speaker change; on these clips that is nearly all of them)
+        full = speaker_counts(audio, regions, base.overlap_step, base.bf16) if base.overlap else None
         cache[c] = (regions, spans, D.embed_windows(mel, spans, base.threads, base.bf16), len(mel),
-                    len(audio) / D.SR)
+                    None if full is None else (lambda changes, x=full: x))
 
     grid = {"linkage": ["average", "complete"],
             "threshold": [round(t, 2) for t in np.arange(0.20, 0.501, 0.01)],
@@ -119,8 +123,8 @@ def main() -> None:
     for vals in itertools.product(*grid.values()):
         opts = dataclasses.replace(base, **dict(zip(grid, vals)))
         res = {}
-        for c, (regions, spans, emb, n, dur) in cache.items():
-            turns = D._label(regions, spans, emb, n, opts) if spans else []
+        for c, (regions, spans, emb, n, counts) in cache.items():
+            turns = D._label(regions, spans, emb, n, opts, counts=counts) if spans else []
             res[c] = score(ref[c], [(t.start, t.end, t.speaker) for t in turns])
         results[vals] = res
         s = summary(list(res.values()))
@@ -151,14 +155,14 @@ def main() -> None:
           f"{'1-spk fl':>8} {'true k':>6} {'k>=2s':>6}")
     now = []
     for c in CLIPS:
-        regions, spans, emb, n, _ = cache[c]
+        regions, spans, emb, n, counts = cache[c]
         big = sum(sum(e - s for s, e, k in ref[c] if k == spk) >= 2.0 for spk in {r[2] for r in ref[c]})
         forced = {}
         for name, k in (("true k", len({r[2] for r in ref[c]})), ("k >= 2 s", max(big, 1))):
-            turns = D._label(regions, spans, emb, n, base, num=k) if spans else []
+            turns = D._label(regions, spans, emb, n, base, num=k, counts=counts) if spans else []
             forced[name] = score(ref[c], [(t.start, t.end, t.speaker) for t in turns])
             floors[name].append(forced[name])
-        turns = D._label(regions, spans, emb, n, base) if spans else []
+        turns = D._label(regions, spans, emb, n, base, counts=counts) if spans else []
         r = score(ref[c], [(t.start, t.end, t.speaker) for t in turns])
         now.append(r)
         floors["vad"].append(vad_floor(ref[c], regions))
