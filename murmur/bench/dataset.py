@@ -31,6 +31,9 @@ class Item:
     duration: float = 0.0
     # where each source clip sits in ``audio``: dict(name, part, start, end, reference)
     clips: list[dict] = field(default_factory=list)
+    # who speaks when, (start, end, speaker) (AMI only, ami30.rttm): every vocalisation, also
+    # speakers without words, so DER and speaker counts use these rather than the SegLST
+    ref_turns: list[tuple[float, float, str]] | None = None
 
 
 # --------------------------------------------------------------------------- paths
@@ -110,13 +113,25 @@ def _ami_segments() -> dict[str, list[dict]]:
     return {k: sorted(v, key=lambda s: s["start_time"]) for k, v in by.items()}
 
 
+@lru_cache(maxsize=1)
+def _ami_turns() -> dict[str, list[tuple[float, float, str]]]:
+    by: dict[str, list] = {}
+    for line in (data_dir() / "ami" / "ami30.rttm").read_text(encoding="utf-8").splitlines():
+        f = line.split()  # SPEAKER file chan start dur <NA> <NA> speaker <NA> <NA>
+        if len(f) >= 8 and f[0] == "SPEAKER":
+            by.setdefault(f[1], []).append((float(f[3]), float(f[3]) + float(f[4]), f[7]))
+    return {k: sorted(v) for k, v in by.items()}
+
+
 def ami_items() -> list[Item]:
     d = data_dir() / "ami"
     items = []
     for sess in AMI_SESSIONS:
         segs = [dict(s) for s in _ami_segments().get(sess, [])]
         ref = " ".join(s["words"] for s in segs)
-        items.append(_item(sess, d / f"{sess}.flac", ref, segs, part="ami"))
+        it = _item(sess, d / f"{sess}.flac", ref, segs, part="ami")
+        it.ref_turns = list(_ami_turns().get(sess, []))
+        items.append(it)
     return items
 
 
@@ -150,8 +165,8 @@ _BUILDERS = {
 
 def _concat(name: str, items: list[Item], gap_s: float) -> Item:
     gap = np.zeros(int(round(gap_s * SAMPLE_RATE)), np.float32)
-    chunks, refs, segs, clips = [], [], [], []
-    has_segs = False
+    chunks, refs, segs, clips, turns = [], [], [], [], []
+    has_segs = has_turns = False
     pos = 0  # in samples, so offsets match the audio exactly
     for i, it in enumerate(items):
         if i:
@@ -171,12 +186,15 @@ def _concat(name: str, items: list[Item], gap_s: float) -> Item:
                 s["start_time"] = round(s["start_time"] + off, 3)
                 s["end_time"] = round(s["end_time"] + off, 3)
                 segs.append(s)
+        if it.ref_turns is not None:
+            has_turns = True
+            turns += [(a + off, b + off, f"{it.name}_{k}") for a, b, k in it.ref_turns]
         for c in it.clips:
             clips.append(dict(c, start=c["start"] + off, end=c["end"] + off))
         pos += len(it.audio)
     audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     return Item(name, audio, " ".join(refs), segs if has_segs else None,
-                len(audio) / SAMPLE_RATE, clips)
+                len(audio) / SAMPLE_RATE, clips, turns if has_turns else None)
 
 
 def stitched(parts=("ljspeech", "ami", "ted", "sonnets"), gap_s: float = 1.0,

@@ -57,12 +57,14 @@ def _pool(rows: list[dict]) -> dict:
 
 
 def speaker_scores(item: dataset.Item, result) -> dict:
-    """cpWER, tcpWER (5 s collar) and DER (0.25 s collar) where the item has speaker references."""
+    """cpWER, tcpWER (5 s collar) and DER (0.25 s collar) where the item has speaker references.
+    Words are scored against the SegLST; DER and the speaker count against the item's turns
+    (ami30.rttm) where it has them, else against the SegLST's segments."""
     from ..scoring import cpwer, der, tcpwer
     from ..writers import seglst
     ref = [dict(e, session_id=item.name) for e in item.ref_segments]
     hyp = [dict(e, session_id=item.name) for e in seglst(result)]
-    ref_turns = [(e["start_time"], e["end_time"], e["speaker"]) for e in ref]
+    ref_turns = item.ref_turns or [(e["start_time"], e["end_time"], e["speaker"]) for e in ref]
     if len({e["speaker"] for e in ref}) > 20 and item.clips:
         # meeteval refuses more than 20 speakers per session (a stitched set of meetings has 37):
         # score each source clip as its own session; DER below still spans the whole recording
@@ -73,7 +75,7 @@ def speaker_scores(item: dataset.Item, result) -> dict:
         hyp = [dict(e, session_id=session(e)) for e in hyp]
     cp, tcp = cpwer(ref, hyp), tcpwer(ref, hyp)
     out = {"cpwer": (cp["errors"], cp["length"]), "tcpwer": (tcp["errors"], tcp["length"]),
-           "speakers_exact": len({e["speaker"] for e in hyp}) == len({e["speaker"] for e in ref})}
+           "speakers_exact": len({t.speaker for t in result.turns}) == len({t[2] for t in ref_turns})}
     if result.turns:
         d = der(ref_turns, result.turns)
         if d["der"] is not None:  # None: no reference speech outside the collars
