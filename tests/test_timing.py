@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from murmur.timing import (WordTiming, add_word_timestamps, dtw, merge_punctuations, split_words,
-                           word_start_errors, words_for_segments)
+from murmur.timing import (_SORT7, WordTiming, add_word_timestamps, dtw, median_filter,
+                           merge_punctuations, split_words, word_start_errors, words_for_segments)
 from murmur.types import Segment, Word
 
 
@@ -28,6 +28,27 @@ def test_dtw_known_paths():
     # degenerate shapes
     assert [a.tolist() for a in dtw(np.zeros((1, 1)))] == [[0], [0]]
     assert [a.tolist() for a in dtw(np.zeros((3, 1)))] == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_median_filter_network_equals_sorting():
+    import itertools
+
+    import torch
+    # the 7-value network sorts every 0/1 input, hence every input (the 0-1 principle)
+    for bits in itertools.product((0, 1), repeat=7):
+        v = list(bits)
+        for a, b in _SORT7:
+            v[a], v[b] = min(v[a], v[b]), max(v[a], v[b])
+        assert v == sorted(bits)
+    g = torch.Generator().manual_seed(0)
+    for x in (torch.randn(3, 11, 40, generator=g), torch.randint(0, 3, (2, 50), generator=g).float(),
+              torch.randn(9, generator=g)):
+        pad = torch.nn.functional.pad(x.reshape(1, -1, x.shape[-1]), (3, 3), mode="reflect")
+        ref = pad.unfold(-1, 7, 1).sort()[0][..., 3].reshape(x.shape)  # the sorting path
+        assert torch.equal(median_filter(x, 7), ref)
+    x = torch.randn(4, 30, generator=g)
+    assert torch.equal(median_filter(x, 5)[:, 2:-2], x.unfold(-1, 5, 1).median(-1).values)
+    assert torch.equal(median_filter(x[:, :3], 7), x[:, :3])  # shorter than the half width
 
 
 def test_dtw_is_minimal_on_random_matrices():
