@@ -45,9 +45,10 @@ class DiarizeOptions:
     overlap: bool = True
     overlap_step: float = 5.0  # seconds between its 10 s windows: 2.5 gave the same DER at 2x time
     overlap_min: float = 1.5  # a frame is overlapped where the mean count reaches this
-    # torch intra-op threads while embedding (process-wide, restored after). The LSTM's per-step
-    # matmuls are too small to split: 2 threads on a busy 2-core machine ran 4-14x slower than 1.
-    # None keeps the process setting.
+    # torch intra-op threads while embedding and counting voices (process-wide, restored after).
+    # Their LSTMs' per-step matmuls are too small to split: with one of 2 cores busy, 2 threads ran
+    # 3.4x (GE2E) and 2.6-10x (segmentation) slower than 1; idle, 2 gain 0.3 s on 15 min. None
+    # keeps the process setting.
     threads: int | None = 1
     bf16: bool | None = None  # LSTM in bfloat16; None: where the CPU has it natively (embed_windows)
     vad: object = None  # murmur.vad.VadOptions for the default regions; None: _vad_defaults()
@@ -301,7 +302,8 @@ def diarize(audio: np.ndarray, sr: int = SR, *, num_speakers: int | None = None,
         from .segmentation import speaker_counts
 
         def counts(changes):
-            return speaker_counts(audio, regions, opts.overlap_step, opts.bf16, changes)
+            return speaker_counts(audio, regions, opts.overlap_step, opts.bf16, changes,
+                                  opts.threads)
     return _label(regions, spans, emb, len(mel), opts, num_speakers, min_speakers, max_speakers,
                   counts=counts)
 

@@ -97,13 +97,14 @@ def load_model() -> PyanNet:
 
 
 def speaker_counts(audio: np.ndarray, regions: list[tuple[float, float]], step: float = 5.0,
-                   bf16: bool | None = None, changes: list[tuple[float, float]] | None = None
-                   ) -> np.ndarray:
+                   bf16: bool | None = None, changes: list[tuple[float, float]] | None = None,
+                   threads: int | None = None) -> np.ndarray:
     """Mean number of local speakers (0-2) every FRAME_STEP seconds from 0 (frame i centred at
     i * FRAME_STEP + FRAME_DUR / 2), over 10 s windows every `step` seconds. Inside `regions` a
     frame counts at least one speaker (the most likely non-silent class); outside, none. Windows
     without speech are not run, nor, if `changes` is given, windows that hold none of its
-    (start, end) spans whole; frames no window covers count 0."""
+    (start, end) spans whole; frames no window covers count 0. threads: torch intra-op threads
+    while it runs (process-wide, restored after; None keeps the process setting)."""
     n = len(audio)
     dur = n / SR
     w, s = int(WINDOW * SR), max(1, int(step * SR))
@@ -128,19 +129,26 @@ def speaker_counts(audio: np.ndarray, regions: list[tuple[float, float]], step: 
         bf16 = native_bf16()
     model = load_model()
     x = torch.from_numpy(np.pad(np.asarray(audio, np.float32), (0, max(0, w - n))))
-    for b in range(0, len(starts), _BATCH):
-        part = starts[b:b + _BATCH]
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(torch.stack([x[a:a + w] for a in part])[:, None]).float()
-        for a, lg in zip(part, logits):
-            t = a / SR + np.arange(len(lg)) * FRAME_STEP + FRAME_DUR / 2
-            inside = np.zeros(len(t), bool)
-            for r0, r1 in reg:
-                inside |= (t >= r0) & (t < r1)
-            cls = np.where(inside, lg[:, 1:].argmax(-1).numpy() + 1, 0)
-            i0 = int(round(a / SR / FRAME_STEP))
-            k = min(len(cls), n_frames - i0)
-            total[i0:i0 + k] += POWERSET[cls[:k]].sum(1)
-            cover[i0:i0 + k] += 1
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        logits = []
+        for b in range(0, len(starts), _BATCH):
+            part = starts[b:b + _BATCH]
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits += model(torch.stack([x[a:a + w] for a in part])[:, None]).float()
+    finally:
+        torch.set_num_threads(old)
+    for a, lg in zip(starts, logits):
+        t = a / SR + np.arange(len(lg)) * FRAME_STEP + FRAME_DUR / 2
+        inside = np.zeros(len(t), bool)
+        for r0, r1 in reg:
+            inside |= (t >= r0) & (t < r1)
+        cls = np.where(inside, lg[:, 1:].argmax(-1).numpy() + 1, 0)
+        i0 = int(round(a / SR / FRAME_STEP))
+        k = min(len(cls), n_frames - i0)
+        total[i0:i0 + k] += POWERSET[cls[:k]].sum(1)
+        cover[i0:i0 + k] += 1
     with np.errstate(invalid="ignore"):
         return np.nan_to_num(total / cover)[:n_frames]
