@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE, load_audio, log_mel_spectrogram
+from .audio import N_SAMPLES, load_audio
 
 # locality windows, shared with DuoAttention's calibration and policy defaults
 SELF_SINK, SELF_WINDOW = 4, 32

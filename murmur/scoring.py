@@ -16,7 +16,6 @@ import functools
 import io
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import Any, Iterable
 

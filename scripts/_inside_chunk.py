@@ -26,7 +26,7 @@ from murmur.decoding import DecodingOptions  # noqa: E402
 from murmur.engine import Engine  # noqa: E402
 from murmur.longform import ChunkStream  # noqa: E402
 from murmur.scheduler import StreamScheduler  # noqa: E402
-from murmur.scoring import normalize, wer  # noqa: E402
+from murmur.scoring import wer  # noqa: E402
 from murmur.stitcher import stitch  # noqa: E402
 from murmur.transcribe import get_model  # noqa: E402
 

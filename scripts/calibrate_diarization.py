@@ -150,7 +150,7 @@ def main() -> None:
 
     # where the errors come from, with the settings DiarizeOptions has now
     floors = {"vad": [], "single": [], "true k": [], "k >= 2 s": []}
-    print(f"\nerror sources, DiarizeOptions() as now; DER parts in % of the clip's scored speech")
+    print("\nerror sources, DiarizeOptions() as now; DER parts in % of the clip's scored speech")
     print(f"{'clip':6} {'DER':>6} {'miss':>6} {'FA':>6} {'conf':>6} {'spk':>5} | {'VAD fl':>6} "
           f"{'1-spk fl':>8} {'true k':>6} {'k>=2s':>6}")
     now = []

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from murmur import diarize as D
-from murmur.diarize import DiarizeOptions, assign_speakers, diarize
+from murmur.diarize import assign_speakers, diarize
 from murmur.types import Segment, Turn, Word
 
 SR = 16000

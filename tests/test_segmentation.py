@@ -94,3 +94,15 @@ def test_one_speaker_never_runs_the_model(data_dir, monkeypatch):
     audio = load_audio(data_dir / "ljspeech" / "LJ001-0001.flac")
     turns = D.diarize(audio)
     assert {t.speaker for t in turns} == {"SPEAKER_00"}
+
+
+def test_missing_weights_package_is_a_clear_error(monkeypatch, tmp_path):
+    from murmur.errors import ModelError
+    from murmur.loading import load_checkpoint, package_file
+
+    with pytest.raises(ModelError, match="overlap detection needs the 'no_such_wheel' package"):
+        package_file("no_such_wheel", "w.pt", need="overlap detection")
+    bad = tmp_path / "w.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="cannot load the segmentation model"):
+        load_checkpoint(bad, "state_dict", "the segmentation model")
