@@ -222,9 +222,12 @@ def package_file(package: str, *parts: str, need: str) -> Path:
 
 def load_checkpoint(path: Path, key: str, what: str) -> dict:
     """torch.load(path)[key] (tensors only), or a ModelError naming `what`."""
+    import pickle
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)[key]
-    except (OSError, KeyError, RuntimeError) as e:
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, IndexError, TypeError,
+            RuntimeError) as e:  # missing, truncated, not a checkpoint, or not this one
         raise ModelError(f"cannot load {what} {path}: {e}") from None
 
 

