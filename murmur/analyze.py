@@ -72,7 +72,7 @@ def decode_windows(loaded, audio, max_windows: int | None = None, batch_size: in
 def attention_weights(model, win: Window, encoder: bool = True):
     """Teacher-forced forward with explicit attention. Yields ('enc', layer, w[H, F, F]),
     ('self', layer, w[H, T, T]) and ('cross', layer, w[H, T, F]) for the window."""
-    dev, dt = model.device, model.dtype
+    dev = model.device
     enc = model.encoder
     edt = enc.dtype  # the encoder may run narrower than the decoder
     x = F.gelu(enc.conv1(win.mel[None].to(dev, edt)))
@@ -87,28 +87,41 @@ def attention_weights(model, win: Window, encoder: bool = True):
             yield "enc", i, w[0]
         x = x + a.out(a.merge((w.to(edt) @ v)))
         x = x + block.mlp(block.mlp_ln(x))
-    dec = model.decoder
-    cross = dec.cross_kv(enc.ln_post(x))
-    toks = torch.tensor([win.prompt + win.tokens], device=dev)
+    cross = model.decoder.cross_kv(enc.ln_post(x))
+    got = []
+
+    def attend(kind, layer, scores, v):
+        w = torch.softmax(scores, dim=-1)
+        got.append((kind, layer, w[0]))
+        return w.to(v.dtype) @ v
+
+    decoder_replay(model, cross, torch.tensor([win.prompt + win.tokens], device=dev), attend)
+    yield from got
+
+
+def decoder_replay(model, cross, toks: torch.Tensor, attend) -> torch.Tensor:
+    """Teacher-forced decoder pass over `toks` [1, T] against speech K/V `cross` (decoder.cross_kv)
+    with the attention left to `attend(kind, layer, scores, v) -> [1, H, T, D]`: kind 'self' or
+    'cross', scores the float logits (self: causal, -inf above the diagonal). Returns the final
+    hidden states [1, T, C] (after the last layer norm)."""
+    dec, dt = model.decoder, model.dtype
     t = toks.shape[1]
     x = dec.token_embedding(toks) + dec.positional_embedding[:t]
-    causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
+    causal = torch.ones(t, t, dtype=torch.bool, device=toks.device).tril()
     for i, block in enumerate(dec.blocks):
         a = block.attn
         h = block.attn_ln(x)
         q, k, v = a.heads(a.query(h)), a.heads(a.key(h)), a.heads(a.value(h))
         s = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)
-        w = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
-        yield "self", i, w[0]
-        x = x + a.out(a.merge(w.to(dt) @ v))
+        x = x + a.out(a.merge(attend("self", i, s.masked_fill(~causal, float("-inf")), v).to(dt)))
         ca = block.cross_attn
         h = block.cross_attn_ln(x)
         q = ca.heads(ca.query(h))
         k, v = (t.to(q.dtype) for t in cross[i])
-        w = torch.softmax((q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5), dim=-1)
-        yield "cross", i, w[0]
-        x = x + ca.out(ca.merge(w.to(dt) @ v))
+        s = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)
+        x = x + ca.out(ca.merge(attend("cross", i, s, v).to(dt)))
         x = x + block.mlp(block.mlp_ln(x))
+    return dec.ln(x)
 
 
 def anchors(win: Window, timestamp_begin: int) -> np.ndarray:

@@ -110,7 +110,7 @@ def cmd_analyze(args) -> int:
 
 def cmd_calibrate_duo(args) -> int:
     from .duo import calibrate_duo
-    res = calibrate_duo(args.model, args.audio or None, args.out)
+    res = calibrate_duo(args.model, args.audio or None, args.out, method=args.method, steps=args.steps)
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}, indent=2, default=str))
     return 0
 
@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("audio", nargs="*", help="audio files (default: ../shared/data/librispeech_other_noref)")
     p.add_argument("--model", default="tiny.en")
     p.add_argument("--out", default=None, help="head-map JSON (default: the user cache, used by --kv-policy duo)")
+    p.add_argument("--method", choices=["gates", "mass"], default="gates",
+                   help="gates: train DuoAttention's gates (float32, ~1 min); mass: attention outside the budget")
+    p.add_argument("--steps", type=int, default=200, help="gate training steps")
     p.set_defaults(func=cmd_calibrate_duo)
 
     from .bench.run import add_parser as add_bench

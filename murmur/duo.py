@@ -1,16 +1,21 @@
 """DuoAttention head maps for the decoder: which self- and cross-attention heads are retrieval heads
 (full cache) and which are streaming heads (sinks + a local window).
 
-Calibration (`murmur duo-calibrate`, `calibrate_duo`) needs no labels: it transcribes unlabelled
-audio greedily, replays each window teacher-forced with explicit attention (murmur.analyze) and
-scores every head by the attention mass that falls outside its streaming budget:
+Calibration (`murmur calibrate-duo`, `calibrate_duo`) needs no labels: it transcribes unlabelled
+audio greedily and replays each window teacher-forced (murmur.analyze). Two ways to score a head:
 
-* self:  outside the first `self_sink` tokens and the last `self_window` tokens;
-* cross: outside [last timestamp - `cross_back`, last timestamp + `cross_ahead`] frames.
+* `gates` (default; DuoAttention's own method): every head mixes full and streaming attention,
+  alpha * full + (1 - alpha) * streaming, and the gates alpha in [0, 1] are trained (Adam, the
+  model frozen, float32) to keep the last hidden states of the full-attention pass, with an L1
+  pull towards 0; a head whose gate stays high needs its full cache.
+* `mass`: the attention mass that falls outside the streaming budget (one pass, no training).
 
-A head with more mass outside is more of a retrieval head. The map stores the scores; the policy
-makes the `duo_retrieval` fraction of highest-scoring heads (per kind) retrieval heads. Maps ship
-in murmur/data/duo_<model>.json; a recalibrated map goes to $MURMUR_CACHE (default
+The streaming budget: self: the first `self_sink` tokens and the last `self_window`; cross:
+[last timestamp - `cross_back`, last timestamp + `cross_ahead`] frames.
+
+The map stores the scores and its choice of retrieval heads: gates >= 0.5, or the top half by
+mass (the policy's `duo_retrieval` fraction or `duo_threshold` override it). Maps ship in
+murmur/data/duo_<model>.json; a recalibrated map goes to $MURMUR_CACHE (default
 ~/.cache/murmur)/duo_<model>.json and takes precedence.
 """
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 from .errors import ModelError
 
 DATA = Path(__file__).resolve().parent / "data"
+GATE_THRESHOLD = 0.5  # a trained gate at least this high: a retrieval head
 
 
 def _key(model_name: str) -> str:
@@ -77,28 +83,119 @@ def default_calibration_audio(limit: int = 48) -> list[Path]:
     return files + ([inter] if inter.is_file() else [])
 
 
+def train_gates(loaded, windows, steps: int = 200, lr: float = 0.05, l1: float = 0.05,
+                batch: int = 8, seed: int = 0, **params) -> tuple[np.ndarray, np.ndarray, list]:
+    """DuoAttention's gate optimisation on decoded `windows` (analyze.decode_windows) of a float32
+    model: returns the self and cross gates [L, H] and the distillation loss every 20 steps."""
+    import torch
+
+    from .analyze import CROSS_AHEAD, CROSS_BACK, CROSS_SINK, SELF_SINK, SELF_WINDOW, anchors, decoder_replay
+    p = dict(self_sink=SELF_SINK, self_window=SELF_WINDOW, cross_sink=CROSS_SINK, cross_back=CROSS_BACK,
+             cross_ahead=CROSS_AHEAD) | params
+    m = loaded.model
+    if m.dtype != torch.float32 or any(type(x).__name__ == "Int8Linear" for x in m.modules()):
+        raise ModelError("gate training needs the float32 model (gradients do not pass int8)")
+    tsb = loaded.tokenizer.timestamp_begin
+    data = []
+    with torch.no_grad():  # not inference_mode: these tensors take part in the backward pass
+        for w in windows:
+            cross = m.decoder.cross_kv(m.encoder(w.mel[None].to(m.device, m.dtype)))
+            toks = torch.tensor([w.prompt + w.tokens], device=m.device)
+            t = toks.shape[1]
+            q, k = torch.arange(t)[:, None], torch.arange(t)[None]
+            near = (k < p["self_sink"]) | (k > q - p["self_window"])
+            anc = torch.from_numpy(np.maximum(anchors(w, tsb), 0))[:, None]
+            fr = torch.arange(cross[0][0].shape[2])[None]
+            seen = (fr < p["cross_sink"]) | ((fr >= anc - p["cross_back"]) & (fr <= anc + p["cross_ahead"]))
+            d = dict(cross=cross, toks=toks, near=near.to(m.device), seen=seen.to(m.device), p0=len(w.prompt))
+            d["target"] = decoder_replay(m, cross, toks, _full)[0, d["p0"]:]
+            data.append(d)
+    L, H = m.dims.n_text_layer, m.dims.n_text_head
+    gates = {"self": torch.ones(L, H, requires_grad=True), "cross": torch.ones(L, H, requires_grad=True)}
+    opt = torch.optim.Adam(list(gates.values()), lr=lr)
+    rng = np.random.default_rng(seed)
+    log = []
+    for step in range(steps):
+        loss = 0.0
+        pick = rng.choice(len(data), size=min(batch, len(data)), replace=False)
+        for j in pick:
+            d = data[j]
+
+            def attend(kind, layer, scores, v, d=d):
+                keep = d["near"] if kind == "self" else d["seen"]
+                full = torch.softmax(scores, dim=-1) @ v
+                stream = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1) @ v
+                g = gates[kind][layer][None, :, None, None]
+                return g * full + (1 - g) * stream
+
+            out = decoder_replay(m, d["cross"], d["toks"], attend)[0, d["p0"]:]
+            loss = loss + ((out - d["target"]) ** 2).mean() / (d["target"] ** 2).mean()
+        loss = loss / len(pick)
+        opt.zero_grad()
+        (loss + l1 * (gates["self"].mean() + gates["cross"].mean()) / 2).backward()
+        opt.step()
+        with torch.no_grad():
+            for g in gates.values():
+                g.clamp_(0, 1)
+        if step % 20 == 0 or step == steps - 1:
+            log.append(round(float(loss.detach()), 5))
+    return gates["self"].detach().numpy(), gates["cross"].detach().numpy(), log
+
+
+def _full(kind, layer, scores, v):
+    import torch
+
+    return torch.softmax(scores, dim=-1) @ v
+
+
 def calibrate_duo(model_name: str = "tiny.en", audio_paths=None, out_path: str | os.PathLike | None = None,
-                  retrieval_fraction: float = 0.5, max_windows: int | None = 4, **params) -> dict:
+                  retrieval_fraction: float = 0.5, max_windows: int | None = 4, method: str = "gates",
+                  steps: int = 200, **params) -> dict:
     """Score every decoder head on unlabelled audio and write the head map (JSON) to `out_path`
-    (default: the user's map, which load_duo_map prefers to the shipped one). Returns the map."""
-    from .analyze import collect
+    (default: the user's map, which load_duo_map prefers to the shipped one). Returns the map.
+    method: "gates" (trained, float32 model; retrieval heads: gate >= 0.5) or "mass" (attention
+    outside the budget; retrieval heads: the `retrieval_fraction` with most)."""
+    from .analyze import collect, decode_windows
+    from .audio import load_audio
     from .transcribe import get_model
     t0 = time.perf_counter()
-    loaded = get_model(model_name)
     paths = list(audio_paths) if audio_paths else default_calibration_audio()
-    res = collect(loaded, paths, max_windows=max_windows, encoder=False, **params)
-    s_scores = res["decoder_self"]["nonlocal"]
-    c_scores = res["decoder_cross"]["nonlocal"]
+    if method == "gates":
+        loaded = get_model(model_name, compute_type="float32")
+        windows = decode_windows(loaded, [load_audio(p) for p in paths], max_windows)
+        s_scores, c_scores, log = train_gates(loaded, windows, steps=steps, **params)
+        s_scores, c_scores = np.round(s_scores, 4).tolist(), np.round(c_scores, 4).tolist()
+        from .analyze import CROSS_AHEAD, CROSS_BACK, CROSS_SINK, SELF_SINK, SELF_WINDOW
+        res = {"params": dict(self_sink=SELF_SINK, self_window=SELF_WINDOW, cross_sink=CROSS_SINK,
+                              cross_back=CROSS_BACK, cross_ahead=CROSS_AHEAD) | params,
+               "windows": len(windows), "distill_loss": log}
+        kind = "DuoAttention head map: score = trained gate (full vs streaming attention)"
+    elif method == "mass":
+        loaded = get_model(model_name)
+        res = collect(loaded, paths, max_windows=max_windows, encoder=False, **params)
+        s_scores = res["decoder_self"]["nonlocal"]
+        c_scores = res["decoder_cross"]["nonlocal"]
+        kind = "DuoAttention head map: score = attention mass outside the streaming budget"
+    else:
+        raise ModelError(f"calibration method {method!r}: expected gates or mass")
+    if method == "gates":  # a gate says itself whether its head needs the full cache
+        choose = {"retrieval_threshold": GATE_THRESHOLD}
+        s_ret, c_ret = (np.asarray(x) >= GATE_THRESHOLD for x in (s_scores, c_scores))
+    else:
+        choose = {"retrieval_fraction": retrieval_fraction}
+        s_ret, c_ret = (retrieval_heads(x, retrieval_fraction) for x in (s_scores, c_scores))
     hm = {
         "model": loaded.name,
-        "kind": "DuoAttention head map: score = attention mass outside the streaming budget",
+        "kind": kind,
         "params": res["params"],
         "self_scores": s_scores,
         "cross_scores": c_scores,
-        "retrieval_fraction": retrieval_fraction,
-        "self_retrieval": retrieval_heads(s_scores, retrieval_fraction).astype(int).tolist(),
-        "cross_retrieval": retrieval_heads(c_scores, retrieval_fraction).astype(int).tolist(),
-        "calibration": {"files": len(paths), "windows": res["windows"], "queries": res["queries"],
+        **choose,
+        "self_retrieval": s_ret.astype(int).tolist(),
+        "cross_retrieval": c_ret.astype(int).tolist(),
+        "calibration": {"method": method, "files": len(paths), "windows": res["windows"],
+                        **({"queries": res["queries"]} if "queries" in res else
+                           {"steps": steps, "distill_loss": res["distill_loss"]}),
                         "audio": sorted({Path(p).parent.name if Path(p).suffix == ".flac" else Path(p).name
                                          for p in paths})[:8],
                         "seconds": round(time.perf_counter() - t0, 1)},

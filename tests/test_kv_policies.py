@@ -218,6 +218,35 @@ def test_parse_kv_policy():
             parse_kv_policy(bad, opts)
     duo = parse_kv_policy("duo", {"duo_retrieval": "0.25"}, model="tiny.en").policies[0]
     assert int(duo.self_ret.sum()) == 6 and int(duo.cross_ret.sum()) == 6  # 25 % of 4 x 6 heads
+    # by default the map chooses: the shipped tiny.en map holds trained gates, retrieval >= 0.5
+    from murmur.duo import load_duo_map
+    hm = load_duo_map("tiny.en")
+    duo = parse_kv_policy("duo", {}, model="tiny.en").policies[0]
+    assert duo.self_ret.tolist() == (np.asarray(hm["self_scores"]) >= 0.5).tolist()
+    assert duo.cross_ret.tolist() == (np.asarray(hm["cross_scores"]) >= 0.5).tolist()
+    duo = parse_kv_policy("duo", {"duo_threshold": "0.9"}, model="tiny.en").policies[0]
+    assert duo.cross_ret.tolist() == (np.asarray(hm["cross_scores"]) >= 0.9).tolist()
+
+
+def test_duo_gate_training_finds_local_self_attention(data_dir):
+    """DuoAttention's gate optimisation on real speech (3 LibriSpeech utterances, 30 steps):
+    the distillation loss stays small, and decoder self-attention, which is local (mostly the last
+    32 tokens), gives up its full cache far sooner than cross-attention over the speech does."""
+    from murmur.analyze import decode_windows
+    from murmur.audio import load_audio
+    from murmur.duo import train_gates
+    from murmur.transcribe import get_model
+
+    loaded = get_model("tiny.en", compute_type="float32")
+    files = sorted((data_dir / "librispeech_other_noref").rglob("*.flac"))[:3]
+    wins = decode_windows(loaded, [load_audio(f) for f in files], 1)
+    g_self, g_cross, log = train_gates(loaded, wins, steps=30, batch=3)
+    assert g_self.shape == g_cross.shape == (4, 6)
+    assert ((g_self >= 0) & (g_self <= 1)).all() and ((g_cross >= 0) & (g_cross <= 1)).all()
+    assert g_self.mean() < 0.5 * g_cross.mean()
+    assert max(log) < 0.05
+    with pytest.raises(MurmurError, match="float32"):
+        train_gates(get_model("tiny.en"), wins, steps=1)
 
 
 # --- the real decoder on real speech -----------------------------------------------------------

@@ -413,9 +413,9 @@ DEFAULTS = {
                       "slide_cap": 1000, "speech_block": 32},
     "speech-follow": {"speech_sink": 16, "margin": 50, "speech_block": 32},
     "duo": {"duo_sink": 4, "duo_window": 32, "duo_cross_sink": 0, "duo_back": 50, "duo_ahead": 300,
-            "duo_retrieval": 0.5, "duo_map": ""},
+            "duo_retrieval": -1.0, "duo_threshold": -1.0, "duo_map": ""},
 }
-_FLOAT = {"duo_retrieval"}
+_FLOAT = {"duo_retrieval", "duo_threshold"}
 _STR = {"duo_map"}
 
 
@@ -461,13 +461,24 @@ def parse_kv_policy(spec: str, opts: dict[str, str] | None = None, model=None) -
     return Policies(out, physical=physical)
 
 
-def make_duo(model=None, duo_retrieval: float = 0.5, duo_map: str = "", **kw) -> Duo:
-    """Duo policy from a stored head map (murmur/data/duo_<model>.json, or the file `duo_map`)."""
+def make_duo(model=None, duo_retrieval: float = -1.0, duo_threshold: float = -1.0, duo_map: str = "",
+             **kw) -> Duo:
+    """Duo policy from a stored head map (murmur/data/duo_<model>.json, or the file `duo_map`).
+    Retrieval heads: the `duo_retrieval` fraction of each kind's highest-scoring heads if given
+    (>= 0), else the heads scoring at least `duo_threshold` if given, else the map's own choice
+    (trained gates: gate >= 0.5; attention mass: the top half)."""
     from ..duo import load_duo_map, retrieval_heads
     name = getattr(model, "name", model) or "tiny.en"
     hm = load_duo_map(name, path=duo_map or None)
-    if not 0.0 <= duo_retrieval <= 1.0:
+    if duo_retrieval > 1.0:
         raise MurmurError("duo_retrieval must be a fraction in [0, 1]")
-    s_ret = retrieval_heads(hm["self_scores"], duo_retrieval)
-    c_ret = retrieval_heads(hm["cross_scores"], duo_retrieval)
+    if duo_retrieval >= 0:
+        s_ret = retrieval_heads(hm["self_scores"], duo_retrieval)
+        c_ret = retrieval_heads(hm["cross_scores"], duo_retrieval)
+    elif duo_threshold >= 0:
+        s_ret = np.asarray(hm["self_scores"]) >= duo_threshold
+        c_ret = np.asarray(hm["cross_scores"]) >= duo_threshold
+    else:
+        s_ret = np.asarray(hm["self_retrieval"], dtype=bool)
+        c_ret = np.asarray(hm["cross_retrieval"], dtype=bool)
     return Duo(s_ret, c_ret, source=hm.get("model", name), **kw)
