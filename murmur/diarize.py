@@ -118,20 +118,26 @@ def mel_frames(audio: np.ndarray) -> torch.Tensor:
     """Power mel spectrogram (frames, 40) exactly as resemblyzer.audio.wav_to_mel_spectrogram,
     after its volume normalisation (raise to -30 dBFS, never lower): the encoder reads linear
     power, so loudness matters to it."""
-    x = torch.from_numpy(np.array(audio, dtype=np.float32))  # a copy: callers may pass read-only arrays
-    ms = float(torch.dot(x, x)) / len(x) if len(x) else 0.0
-    if 0 < ms < 10 ** (-30 / 10):
-        x *= 10 ** ((-30 - 10 * np.log10(ms)) / 20)
-    # STFT with centred frames (zero padding), in blocks of frames: one whole-file complex
-    # spectrogram is 10 bytes a sample (145 MB for 15 min) and cost more to fill than to compute
-    x = F.pad(x, (200, 200))
-    n = 1 + (len(x) - 400) // HOP
+    a = np.asarray(audio, dtype=np.float32)
+    # loudness: float32 dot products over 4 s blocks, summed in float64 (one float32 sum over
+    # hours of samples would lose its digits)
+    ms = sum(float(np.dot(b, b)) for b in np.split(a, range(1 << 16, len(a), 1 << 16)))
+    ms = ms / len(a) if len(a) else 0.0
+    gain = 10 ** ((-30 - 10 * np.log10(ms)) / 20) if 0 < ms < 10 ** (-30 / 10) else 1.0
+    # centred frames (400 samples, zero padding at the ends), a block of frames at a time: the
+    # whole file's complex spectrogram is 10 bytes a sample (145 MB for 15 min), and copies of
+    # the audio are made a block at a time (callers may pass read-only or memory-mapped arrays)
+    n = 1 + len(a) // HOP
     fb, win = torch.from_numpy(_mel_filters()).T.contiguous(), torch.hann_window(400)
     out = torch.empty(n, fb.shape[1])
     for f0 in range(0, n, _MEL_BLOCK):
         f1 = min(n, f0 + _MEL_BLOCK)
-        s = torch.stft(x[f0 * HOP:(f1 - 1) * HOP + 400], 400, HOP, window=win, center=False,
-                       return_complex=True)
+        lo, hi = f0 * HOP - 200, (f1 - 1) * HOP + 200
+        x = np.zeros(hi - lo, np.float32)
+        x[max(0, -lo):max(0, -lo) + len(a[max(0, lo):hi])] = a[max(0, lo):hi]
+        if gain != 1.0:
+            x *= gain
+        s = torch.stft(torch.from_numpy(x), 400, HOP, window=win, center=False, return_complex=True)
         torch.mm((s.real.square() + s.imag.square()).T, fb, out=out[f0:f1])
     return out
 

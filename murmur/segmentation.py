@@ -97,50 +97,60 @@ def speaker_counts(audio: np.ndarray, regions: list[tuple[float, float]], step: 
     without speech are not run, nor, if `changes` is given, windows that hold none of its
     (start, end) spans whole; frames no window covers count 0. threads: torch intra-op threads
     while it runs (process-wide, restored after; None keeps the process setting)."""
+    audio = np.asarray(audio, dtype=np.float32)
     n = len(audio)
-    dur = n / SR
     w, s = int(WINDOW * SR), max(1, int(step * SR))
+    n_frames = int(n / SR / FRAME_STEP) + 1
+    total = np.zeros(n_frames)
+    cover = np.zeros(n_frames)
+    # speech on the output frame grid, by difference arrays (O(frames + regions))
+    inside = np.zeros(n_frames + 1, np.int64)
+    for r0, r1 in regions:
+        i = int(np.ceil((r0 - FRAME_DUR / 2) / FRAME_STEP))
+        j = int(np.ceil((r1 - FRAME_DUR / 2) / FRAME_STEP))
+        i, j = min(max(i, 0), n_frames), min(max(j, 0), n_frames)
+        if j > i:
+            inside[i] += 1
+            inside[j] -= 1
+    inside = np.cumsum(inside)[:n_frames] > 0
+    if not inside.any():
+        return total
+    per = int(round(w / SR / FRAME_STEP))  # frames a window spans
     starts = list(range(0, max(1, n - w + 1), s))
     if n > w and (n - w) % s:
         starts.append(n - w)  # a last window flush with the end, as pyannote does
-    n_frames = int(dur / FRAME_STEP) + 1
-    total = np.zeros(n_frames + 1)
-    cover = np.zeros(n_frames + 1)
-    if not regions:
-        return total[:n_frames]
-    reg = np.asarray(regions, np.float64)
-    starts = [a for a in starts
-              if np.any((reg[:, 0] < (a + w) / SR) & (reg[:, 1] > a / SR))]
+    speech = np.concatenate([[0], np.cumsum(inside)])
+    first = [int(round(a / SR / FRAME_STEP)) for a in starts]
+    keep = [speech[min(f + per, n_frames)] > speech[min(f, n_frames)] for f in first]
     if changes is not None:
         ch = np.asarray(changes, np.float64).reshape(-1, 2)
-        starts = [a for a in starts
-                  if np.any((ch[:, 0] >= a / SR) & (ch[:, 1] <= (a + w) / SR))]
+        keep = [k and bool(np.any((ch[:, 0] >= a / SR) & (ch[:, 1] <= (a + w) / SR)))
+                for k, a in zip(keep, starts)]
+    starts = [a for a, k in zip(starts, keep) if k]
     if bf16 is None:
         from .loading import native_bf16
 
         bf16 = native_bf16()
     model = load_model()
-    x = torch.from_numpy(np.pad(np.asarray(audio, np.float32), (0, max(0, w - n))))
     old = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        logits = []
         for b in range(0, len(starts), _BATCH):
             part = starts[b:b + _BATCH]
+            # copies of a batch's windows only (the caller's array may be read-only or huge)
+            x = np.zeros((len(part), 1, w), np.float32)
+            for q, a in enumerate(part):
+                x[q, 0, :min(w, n - a)] = audio[a:a + w]
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits += model(torch.stack([x[a:a + w] for a in part])[:, None]).float()
+                cls = model(torch.from_numpy(x)).float()[..., 1:].argmax(-1).numpy() + 1
+            for a, c in zip(part, cls):
+                i0 = int(round(a / SR / FRAME_STEP))
+                k = min(len(c), n_frames - i0)
+                # inside speech at least one voice, the most likely non-silent class; outside none
+                total[i0:i0 + k] += np.where(inside[i0:i0 + k], POWERSET[c[:k]].sum(1), 0)
+                cover[i0:i0 + k] += 1
     finally:
         torch.set_num_threads(old)
-    for a, lg in zip(starts, logits):
-        t = a / SR + np.arange(len(lg)) * FRAME_STEP + FRAME_DUR / 2
-        inside = np.zeros(len(t), bool)
-        for r0, r1 in reg:
-            inside |= (t >= r0) & (t < r1)
-        cls = np.where(inside, lg[:, 1:].argmax(-1).numpy() + 1, 0)
-        i0 = int(round(a / SR / FRAME_STEP))
-        k = min(len(cls), n_frames - i0)
-        total[i0:i0 + k] += POWERSET[cls[:k]].sum(1)
-        cover[i0:i0 + k] += 1
     with np.errstate(invalid="ignore"):
-        return np.nan_to_num(total / cover)[:n_frames]
+        return np.nan_to_num(total / cover)
