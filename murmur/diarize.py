@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import AudioError
@@ -44,10 +43,11 @@ class DiarizeOptions:
     overlap_step: float = 5.0  # seconds between its 10 s windows: 2.5 gave the same DER at 2x time
     overlap_min: float = 1.5  # a frame is overlapped where the mean count reaches this
     # torch intra-op threads while embedding and counting voices (process-wide, restored after).
-    # Their LSTMs' per-step matmuls are too small to split: with one of 2 cores busy, 2 threads ran
-    # 3.4x (GE2E) and 2.6-10x (segmentation) slower than 1; idle, 2 gain 0.3 s on 15 min. None
-    # keeps the process setting.
-    threads: int | None = 1
+    # Their LSTMs' per-step matmuls are small: with one of 2 cores busy, 2 threads ran 3.4x (GE2E)
+    # and 2.6-10x (segmentation) slower than 1, while on idle cores they save a third. "auto": as
+    # many as the process has and the machine leaves idle (a 50 ms look at every core's load);
+    # None keeps the process setting.
+    threads: int | str | None = "auto"
     bf16: bool | None = None  # LSTM in bfloat16; None: where the CPU has it natively (embed_windows)
     vad: object = None  # murmur.vad.VadOptions for the default regions; None: _vad_defaults()
 
@@ -166,11 +166,14 @@ def _spans(regions, n_frames: int, opts: DiarizeOptions) -> list[tuple[int, int]
     return out
 
 
-def embed_windows(mel: torch.Tensor, spans: list[tuple[int, int]], threads: int | None = 1,
+def embed_windows(mel: torch.Tensor, spans: list[tuple[int, int]], threads: int | str | None = 1,
                   bf16: bool | None = None) -> np.ndarray:
     """L2-normalised GE2E embeddings (n, 256) of mel[start:end] for each (start, end) span.
-    bf16: run the LSTM in bfloat16 (None: where the CPU does bf16 in hardware). It was 3x faster
-    on such a CPU, cosine to the float32 embeddings >= 0.996, and the same AMI scores."""
+    threads: as DiarizeOptions.threads. bf16: run the LSTM in bfloat16 (None: where the CPU does
+    bf16 in hardware). It was 3x faster on such a CPU, cosine to the float32 embeddings >= 0.996,
+    and the same AMI scores."""
+    if threads == "auto":
+        threads = idle_threads()
     # plain batches of equal length: packed sequences miss oneDNN and ran ~4x slower
     enc = load_encoder()
     if bf16 is None:
@@ -316,14 +319,28 @@ def diarize(audio: np.ndarray, sr: int = SR, *, num_speakers: int | None = None,
     spans = _spans(regions, len(mel), opts)
     if not spans:  # only blips too short to embed: one speaker is all we can say
         return _to_turns([(s, e, 0) for s, e in regions])
-    emb = embed_windows(mel, spans, opts.threads, opts.bf16)
+    threads = idle_threads() if opts.threads == "auto" else opts.threads
+    emb = embed_windows(mel, spans, threads, opts.bf16)
 
     def counts(changes):
         from .segmentation import speaker_counts
 
-        return speaker_counts(audio, regions, opts.overlap_step, opts.bf16, changes, opts.threads)
+        return speaker_counts(audio, regions, opts.overlap_step, opts.bf16, changes, threads)
     return _label(regions, spans, emb, len(mel), opts, num_speakers, min_speakers, max_speakers,
                   counts=counts if opts.overlap else None)
+
+
+def idle_threads(busy: float = 30.0) -> int:
+    """Threads for the diarizer's LSTMs: the process's torch threads, capped at the cores that
+    are less than `busy` % loaded over 50 ms (at least 1). Our own process waits meanwhile, so
+    the load is other programs'."""
+    import psutil
+
+    n = torch.get_num_threads()
+    if n < 2:
+        return 1
+    load = psutil.cpu_percent(interval=0.05, percpu=True)
+    return max(1, min(n, sum(x < busy for x in load)))
 
 
 def _join(regions) -> list[tuple[float, float]]:

@@ -246,3 +246,16 @@ def test_segments_without_words_and_overlapping_turns():
     assert [s.speaker for s in out] == ["SPEAKER_00", "SPEAKER_00", "SPEAKER_01"]
     assert assign_speakers(segs, []) == segs
     assert assign_speakers([], turns) == []
+
+
+def test_auto_threads_follow_idle_cores(monkeypatch):
+    """threads="auto": the process's torch threads, capped at the cores other programs leave idle."""
+    import psutil
+    import torch
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for load, want in (([3.0, 5.0], 2), ([100.0, 4.0], 1), ([97.0, 99.0], 1), ([1.0] * 8, 2)):
+        monkeypatch.setattr(psutil, "cpu_percent", lambda interval=None, percpu=False, v=load: v)
+        assert D.idle_threads() == want
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert D.idle_threads() == 1
