@@ -89,9 +89,8 @@ def train_gates(loaded, windows, steps: int = 200, lr: float = 0.05, l1: float =
     model: returns the self and cross gates [L, H] and the distillation loss every 20 steps."""
     import torch
 
-    from .analyze import CROSS_AHEAD, CROSS_BACK, CROSS_SINK, SELF_SINK, SELF_WINDOW, anchors, decoder_replay
-    p = dict(self_sink=SELF_SINK, self_window=SELF_WINDOW, cross_sink=CROSS_SINK, cross_back=CROSS_BACK,
-             cross_ahead=CROSS_AHEAD) | params
+    from .analyze import anchors, decoder_replay
+    p = _budget(params)
     m = loaded.model
     if m.dtype != torch.float32 or any(type(x).__name__ == "Int8Linear" for x in m.modules()):
         raise ModelError("gate training needs the float32 model (gradients do not pass int8)")
@@ -142,6 +141,13 @@ def train_gates(loaded, windows, steps: int = 200, lr: float = 0.05, l1: float =
     return gates["self"].detach().numpy(), gates["cross"].detach().numpy(), log
 
 
+def _budget(params: dict) -> dict:
+    """The streaming budget: analyze's locality windows, overridden by `params`."""
+    from .analyze import CROSS_AHEAD, CROSS_BACK, CROSS_SINK, SELF_SINK, SELF_WINDOW
+    return dict(self_sink=SELF_SINK, self_window=SELF_WINDOW, cross_sink=CROSS_SINK,
+                cross_back=CROSS_BACK, cross_ahead=CROSS_AHEAD) | params
+
+
 def _full(kind, layer, scores, v):
     import torch
 
@@ -165,25 +171,21 @@ def calibrate_duo(model_name: str = "tiny.en", audio_paths=None, out_path: str |
         windows = decode_windows(loaded, [load_audio(p) for p in paths], max_windows)
         s_scores, c_scores, log = train_gates(loaded, windows, steps=steps, **params)
         s_scores, c_scores = np.round(s_scores, 4).tolist(), np.round(c_scores, 4).tolist()
-        from .analyze import CROSS_AHEAD, CROSS_BACK, CROSS_SINK, SELF_SINK, SELF_WINDOW
-        res = {"params": dict(self_sink=SELF_SINK, self_window=SELF_WINDOW, cross_sink=CROSS_SINK,
-                              cross_back=CROSS_BACK, cross_ahead=CROSS_AHEAD) | params,
-               "windows": len(windows), "distill_loss": log}
+        res = {"params": _budget(params), "windows": len(windows), "distill_loss": log}
         kind = "DuoAttention head map: score = trained gate (full vs streaming attention)"
+        # a gate says itself whether its head needs the full cache
+        choose = {"retrieval_threshold": GATE_THRESHOLD}
+        s_ret, c_ret = (np.asarray(x) >= GATE_THRESHOLD for x in (s_scores, c_scores))
     elif method == "mass":
         loaded = get_model(model_name)
         res = collect(loaded, paths, max_windows=max_windows, encoder=False, **params)
         s_scores = res["decoder_self"]["nonlocal"]
         c_scores = res["decoder_cross"]["nonlocal"]
         kind = "DuoAttention head map: score = attention mass outside the streaming budget"
-    else:
-        raise ModelError(f"calibration method {method!r}: expected gates or mass")
-    if method == "gates":  # a gate says itself whether its head needs the full cache
-        choose = {"retrieval_threshold": GATE_THRESHOLD}
-        s_ret, c_ret = (np.asarray(x) >= GATE_THRESHOLD for x in (s_scores, c_scores))
-    else:
         choose = {"retrieval_fraction": retrieval_fraction}
         s_ret, c_ret = (retrieval_heads(x, retrieval_fraction) for x in (s_scores, c_scores))
+    else:
+        raise ModelError(f"calibration method {method!r}: expected gates or mass")
     hm = {
         "model": loaded.name,
         "kind": kind,
