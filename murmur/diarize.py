@@ -330,17 +330,13 @@ def diarize(audio: np.ndarray, sr: int = SR, *, num_speakers: int | None = None,
                   counts=counts if opts.overlap else None)
 
 
-def idle_threads(busy: float = 30.0) -> int:
-    """Threads for the diarizer's LSTMs: the process's torch threads, capped at the cores that
-    are less than `busy` % loaded over 50 ms (at least 1). Our own process waits meanwhile, so
-    the load is other programs'."""
-    import psutil
+def idle_threads() -> int:
+    """Threads for the diarizer's LSTMs: the process's torch threads, capped at the cores other
+    programs leave idle (a fresh look: the transcription may have run for minutes)."""
+    from .transcribe import idle_cores
 
     n = torch.get_num_threads()
-    if n < 2:
-        return 1
-    load = psutil.cpu_percent(interval=0.05, percpu=True)
-    return max(1, min(n, sum(x < busy for x in load)))
+    return 1 if n < 2 else max(1, min(n, idle_cores(every=0.0)))
 
 
 def _join(regions) -> list[tuple[float, float]]:

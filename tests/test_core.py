@@ -239,3 +239,33 @@ def test_openmp_spin_default_keeps_a_users_value():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "5"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "5"
+
+
+def test_threads_follow_idle_cores_unless_pinned(monkeypatch):
+    """Unpinned, a run takes the cores other programs leave idle (looked at once per 10 s);
+    MURMUR_THREADS or an explicit count wins. The tokens do not depend on it (README)."""
+    import psutil
+
+    T = sys.modules["murmur.transcribe"]
+    old = torch.get_num_threads()
+    calls = []
+
+    def load(interval=None, percpu=False):
+        calls.append(interval)
+        return [100.0, 3.0]
+
+    monkeypatch.setattr(psutil, "cpu_percent", load)
+    monkeypatch.delenv("MURMUR_THREADS", raising=False)
+    monkeypatch.setattr(T, "_IDLE", (-1e9, 0))
+    try:
+        T.set_threads()
+        assert torch.get_num_threads() == 1 and calls == [0.05]
+        T.set_threads()
+        assert len(calls) == 1  # within 10 s: the last look stands
+        monkeypatch.setenv("MURMUR_THREADS", "2")
+        T.set_threads()
+        assert torch.get_num_threads() == 2 and len(calls) == 1
+        T.set_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(old)

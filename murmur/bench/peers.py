@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 
-# the same threads as Murmur's runs (murmur.transcribe.set_threads); not imported from there: this
+# the same threads as Murmur's runs (murmur bench pins MURMUR_THREADS for both); not imported: this
 # file runs as the peer's child script, which must not load torch or murmur (RSS, OpenMP)
 CPU_THREADS = int(os.environ.get("MURMUR_THREADS", 0)) or os.cpu_count() or 1
 SAMPLE_RATE = 16000

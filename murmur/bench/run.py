@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -197,6 +198,9 @@ def cmd_bench(args) -> int:
     from rich.table import Table
 
     from ..transcribe import set_threads
+    # every run, ours and the peers' child processes, on the same fixed thread count (not the
+    # load-dependent default), so that runs compare
+    os.environ.setdefault("MURMUR_THREADS", str(os.cpu_count() or 1))
     set_threads()
     console = Console(stderr=True)
     items = [item_from_files(args.audio, args.ref)] if args.audio else load_set(args.set, args.repeat)
