@@ -27,7 +27,7 @@ def _frame_times(n):
 def test_counts_find_the_overlap_of_a_meeting(data_dir, bf16):
     """tst00: four people, 59 % of the frames with two or more talking (ami30.rttm). Where the
     model counts two, two talk (precision 0.84 measured), and it finds most of it (recall
-    0.68); bf16 and float32 agree on the count for most frames."""
+    0.68); in bfloat16 and in float32 alike."""
     audio, regions, ref = _clip(data_dir, "tst00")
     c = S.speaker_counts(audio, regions, bf16=bf16)
     t = _frame_times(len(c))
