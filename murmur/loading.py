@@ -208,15 +208,16 @@ def _load_state(model: Whisper, sd: dict[str, torch.Tensor], where) -> None:
 
 
 # --- bundled models ------------------------------------------------------------------------------
-def package_file(package: str, *parts: str, need: str) -> Path:
+def package_file(package: str, *parts: str, need: str, hint: str = "") -> Path:
     """A file inside an installed package, found without running the package's __init__ (some
-    that bundle weights import heavy or side-effecting modules there). `need` names what wants it,
-    for the error if the package is missing."""
+    that bundle weights import heavy or side-effecting modules there). `need` names what wants it
+    and `hint` adds a way round, for the error if the package is missing."""
     import importlib.util
 
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"{need} needs the '{package}' package (pip install 'murmur-asr[diarize]')")
+        raise ModelError(f"{need} needs the '{package}' package (pip install 'murmur-asr[diarize]')"
+                         + (f"; {hint}" if hint else ""))
     return Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
 
 
