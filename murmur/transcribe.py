@@ -148,6 +148,7 @@ def transcribe(
     num_speakers: int | None = None,
     min_speakers: int = 1,
     max_speakers: int | None = None,
+    diarize_options=None,
     queue_limit: int | None = None,
     seed: int = 0,
     **decode_kw,
@@ -157,7 +158,8 @@ def transcribe(
 
     `kv_policy` is a policy object or a spec such as 'output-window+speech-follow' (with `kv_opts`);
     `encoder_sparsity` is 'LAYER:FRACTION' or 'off'. `diarize` labels words and segments with one
-    speaker map for the whole recording (and turns on word timestamps). `queue_limit` bounds how many
+    speaker map for the whole recording (and turns on word timestamps; `diarize_options`, a
+    murmur.diarize.DiarizeOptions, tunes it, e.g. overlap=False). `queue_limit` bounds how many
     chunks hold their features at once (default: twice the batch size). `seed` seeds the sampling
     of temperature fallbacks, so a run is reproducible.
     Extra keyword arguments are DecodingOptions fields (temperature, initial_prompt, ...).
@@ -220,7 +222,7 @@ def transcribe(
         from .diarize import diarize as run_diarization
         t_d = time.perf_counter()
         turns = run_diarization(audio, num_speakers=num_speakers, min_speakers=min_speakers,
-                                max_speakers=max_speakers,
+                                max_speakers=max_speakers, options=diarize_options,
                                 regions=None if chunk_size is None else _speech_regions(plans))
         segments = assign_speakers(segments, turns)
         diarize_s = time.perf_counter() - t_d

@@ -113,3 +113,16 @@ def test_missing_or_bad_weights_are_a_clear_error(tmp_path):
         load_checkpoint(bad, "state_dict", "the segmentation model")
     with pytest.raises(ModelError, match="cannot load"):
         load_checkpoint(good, "model_state", "speaker encoder")
+
+
+def test_transcribe_passes_diarize_options(data_dir, tiny, monkeypatch):
+    """transcribe(diarize_options=DiarizeOptions(overlap=False)): the overlap stage never runs,
+    and no two speakers' turns overlap (with it, tst00's do: test above)."""
+    from murmur.transcribe import transcribe
+
+    monkeypatch.setattr(S, "speaker_counts", lambda *a, **k: pytest.fail("overlap stage ran"))
+    audio, _, _ = _clip(data_dir, "tst00")
+    r = transcribe(audio, tiny, diarize=True, diarize_options=D.DiarizeOptions(overlap=False))
+    assert len({t.speaker for t in r.turns}) >= 2
+    assert all(min(x.end, y.end) <= max(x.start, y.start)
+               for i, x in enumerate(r.turns) for y in r.turns[i + 1:] if x.speaker != y.speaker)
