@@ -194,6 +194,15 @@ def read_any(path: str | Path) -> list[dict]:
     return _read(path)["entries"]
 
 
+def read_turns(path: str | Path) -> dict[str, list[tuple[float, float, str]]]:
+    """Speaker turns (start, end, speaker) per session, sorted by start, from any file read_any
+    reads (RTTM, SegLST, STM)."""
+    by: dict[str, list] = {}
+    for t in _read(path)["turns"]:
+        by.setdefault(t["session_id"], []).append((t["start_time"], t["end_time"], t["speaker"]))
+    return {k: sorted(v) for k, v in by.items()}
+
+
 # ------------------------------------------------------------- word metrics
 
 def _stats(er) -> dict:

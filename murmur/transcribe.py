@@ -95,11 +95,9 @@ def plan_chunks(audio: np.ndarray, chunk_size: float | None, vad_options=None) -
     if chunk_size is None:
         return [ChunkPlan([audio], TimeMap.identity(0.0))], 0.0
     from .chunker import make_chunks
-    from .vad import VadOptions, speech_regions
+    from .vad import meeting_options, speech_regions
     t0 = time.perf_counter()
-    # more permissive than Silero's defaults: on AMI's distant talkers this halves missed speech
-    # (measured for diarization), and a missed region is words lost for good
-    vad_options = vad_options or VadOptions(threshold=0.3, speech_pad_s=0.2, min_silence_s=0.3)
+    vad_options = vad_options or meeting_options()  # the diarizer's too
     regions = speech_regions(audio, SAMPLE_RATE, vad_options)
     chunks = make_chunks(regions, chunk_size, audio=audio, sr=SAMPLE_RATE)
     plans = []

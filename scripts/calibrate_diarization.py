@@ -31,21 +31,17 @@ from pathlib import Path
 import numpy as np
 from murmur import diarize as D
 from murmur.audio import load_audio
-from murmur.scoring import der
+from murmur.scoring import der, read_turns
 from murmur.segmentation import speaker_counts
-from murmur.vad import speech_regions
+from murmur.vad import meeting_options, speech_regions
 
 CLIPS = ["dev00", "dev01", *(f"trn0{i}" for i in range(1, 10)), "tst00", "tst01"]
 PARTS = ("missed detection", "false alarm", "confusion")
 
 
 def load_reference(rttm: Path) -> dict[str, list[tuple[float, float, str]]]:
-    ref: dict[str, list] = {c: [] for c in CLIPS}
-    for line in rttm.read_text().splitlines():
-        f = line.split()
-        if f and f[1] in ref:
-            ref[f[1]].append((float(f[3]), float(f[3]) + float(f[4]), f[7]))
-    return ref
+    turns = read_turns(rttm)
+    return {c: turns.get(c, []) for c in CLIPS}
 
 
 def score(ref: list, pieces) -> dict:
@@ -105,7 +101,7 @@ def main() -> None:
     cache = {}
     for c in CLIPS:
         audio = load_audio(args.data / f"{c}.flac")
-        regions = D._join(speech_regions(audio, D.SR, base.vad or D._vad_defaults()))
+        regions = D._join(speech_regions(audio, D.SR, base.vad or meeting_options()))
         mel = D.mel_frames(audio)
         spans = D._spans(regions, len(mel), base)
         # overlap counts once per clip over every speech window (diarize runs only the windows

@@ -5,18 +5,14 @@ import pytest
 from murmur import diarize as D
 from murmur import segmentation as S
 from murmur.audio import load_audio
-from murmur.scoring import der
-from murmur.vad import speech_regions
+from murmur.scoring import der, read_turns
+from murmur.vad import meeting_options, speech_regions
 
 
 def _clip(data_dir, name):
     audio = load_audio(data_dir / "ami" / f"{name}.flac")
-    turns = []
-    for line in (data_dir / "ami" / "ami30.rttm").read_text().splitlines():
-        f = line.split()
-        if f[1] == name:
-            turns.append((float(f[3]), float(f[3]) + float(f[4]), f[7]))
-    return audio, D._join(speech_regions(audio, S.SR, D._vad_defaults())), turns
+    turns = read_turns(data_dir / "ami" / "ami30.rttm")[name]
+    return audio, D._join(speech_regions(audio, S.SR, meeting_options())), turns
 
 
 def _frame_times(n):

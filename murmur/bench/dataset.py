@@ -114,12 +114,9 @@ def _ami_segments() -> dict[str, list[dict]]:
 
 @lru_cache(maxsize=1)
 def _ami_turns() -> dict[str, list[tuple[float, float, str]]]:
-    by: dict[str, list] = {}
-    for line in (data_dir() / "ami" / "ami30.rttm").read_text(encoding="utf-8").splitlines():
-        f = line.split()  # SPEAKER file chan start dur <NA> <NA> speaker <NA> <NA>
-        if len(f) >= 8 and f[0] == "SPEAKER":
-            by.setdefault(f[1], []).append((float(f[3]), float(f[3]) + float(f[4]), f[7]))
-    return {k: sorted(v) for k, v in by.items()}
+    from ..scoring import read_turns
+
+    return read_turns(data_dir() / "ami" / "ami30.rttm")
 
 
 def ami_items() -> list[Item]:
