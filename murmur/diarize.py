@@ -206,14 +206,10 @@ def _cluster(emb: np.ndarray, opts: DiarizeOptions, num: int | None, lo: int, hi
     if n <= MAX_CLUSTER_WINDOWS:
         return _cluster_all(emb, opts, num, lo, hi)
     pick = np.linspace(0, n - 1, MAX_CLUSTER_WINDOWS).round().astype(int)
-    sub = _cluster_all(emb[pick], opts, num, lo, hi)
-    ks = [k for k in range(sub.max() + 1) if (sub == k).any()]
-    if not ks:
-        return np.zeros(n, int)
-    cents = np.stack([emb[pick][sub == k].mean(0) for k in ks])
+    sub = _cluster_all(emb[pick], opts, num, lo, hi)  # speakers 0..k-1 (at least one), else -1
+    cents = np.stack([emb[pick][sub == k].mean(0) for k in range(sub.max() + 1)])
     labels = (emb @ cents.T).argmax(1)
-    labels[pick] = np.searchsorted(ks, sub).clip(0, len(ks) - 1)
-    labels[pick[sub < 0]] = -1
+    labels[pick] = sub
     return labels
 
 
