@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import AudioError
+from .threads import idle_cores, torch_threads
 from .types import Segment, Turn
 
 SR = 16000
@@ -176,19 +177,14 @@ def embed_windows(mel: torch.Tensor, spans: list[tuple[int, int]], threads: int 
     by_len: dict[int, list[int]] = {}
     for i, (a, b) in enumerate(spans):
         by_len.setdefault(b - a, []).append(i)
-    old = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            for idx in by_len.values():
-                for j in range(0, len(idx), _BATCH):
-                    part = idx[j:j + _BATCH]
-                    x = torch.stack([mel[spans[i][0]:spans[i][1]] for i in part])
-                    e = enc(x).float()
-                    emb[part] = (e / e.norm(dim=1, keepdim=True).clamp_min(1e-8)).numpy()
-    finally:
-        torch.set_num_threads(old)
+    with torch_threads(threads), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                                                  enabled=bf16):
+        for idx in by_len.values():
+            for j in range(0, len(idx), _BATCH):
+                part = idx[j:j + _BATCH]
+                x = torch.stack([mel[spans[i][0]:spans[i][1]] for i in part])
+                e = enc(x).float()
+                emb[part] = (e / e.norm(dim=1, keepdim=True).clamp_min(1e-8)).numpy()
     return emb
 
 
@@ -321,8 +317,6 @@ def diarize(audio: np.ndarray, sr: int = SR, *, num_speakers: int | None = None,
 def idle_threads() -> int:
     """Threads for the diarizer's LSTMs: the process's torch threads, capped at the cores other
     programs leave idle (a fresh look: the transcription may have run for minutes)."""
-    from .transcribe import idle_cores
-
     n = torch.get_num_threads()
     return 1 if n < 2 else max(1, min(n, idle_cores(every=0.0)))
 

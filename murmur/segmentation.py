@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ModelError
+from .threads import torch_threads
 
 SR = 16000
 WINDOW = 10.0  # seconds the model was trained on
@@ -133,10 +134,7 @@ def speaker_counts(audio: np.ndarray, regions: list[tuple[float, float]], step: 
 
         bf16 = native_bf16()
     model = load_model()
-    old = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for b in range(0, len(starts), _BATCH):
             part = starts[b:b + _BATCH]
             # copies of a batch's windows only (the caller's array may be read-only or huge)
@@ -151,7 +149,5 @@ def speaker_counts(audio: np.ndarray, regions: list[tuple[float, float]], step: 
                 # inside speech at least one voice, the most likely non-silent class; outside none
                 total[i0:i0 + k] += np.where(inside[i0:i0 + k], POWERSET[c[:k]].sum(1), 0)
                 cover[i0:i0 + k] += 1
-    finally:
-        torch.set_num_threads(old)
     with np.errstate(invalid="ignore"):
         return np.nan_to_num(total / cover)

@@ -35,27 +35,13 @@ def get_model(model: str | LoadedModel, device: str | None = None, compute_type:
 
 def set_threads(n: int | None = None) -> None:
     """torch threads for a run: `n`, else $MURMUR_THREADS, else the cores that other programs leave
-    idle (idle_cores). With one of 2 cores busy elsewhere, 2 threads ran the stitched set in 21 s
+    idle (threads.idle_cores). With one of 2 cores busy elsewhere, 2 threads ran the stitched set in 21 s
     and 1 thread in 12 s; idle, 2 threads take 7.7 s (the tokens are the same either way)."""
+    from .threads import idle_cores
+
     n = n or int(os.environ.get("MURMUR_THREADS", 0)) or idle_cores()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
-
-
-_IDLE: tuple[float, int] = (-1e9, 0)  # (when, result) of the last look
-
-
-def idle_cores(busy: float = 30.0, every: float = 10.0) -> int:
-    """Cores less than `busy` % loaded over 50 ms (at least 1), looked at again only after `every`
-    seconds. Call it while this process waits: the load is then other programs'."""
-    global _IDLE
-    now = time.monotonic()
-    if now - _IDLE[0] >= every:
-        import psutil
-
-        load = psutil.cpu_percent(interval=0.05, percpu=True)
-        _IDLE = (now, max(1, sum(x < busy for x in load)))
-    return _IDLE[1]
 
 
 @dataclass

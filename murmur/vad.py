@@ -9,7 +9,6 @@ bit for bit, ~5x faster. Older versions fall back to the streaming ONNX model.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 import warnings
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+
+from .threads import torch_threads
 
 SAMPLE_RATE = 16000
 FRAME_SAMPLES = 512  # one speech probability per 512 samples (32 ms) at 16 kHz
@@ -79,20 +80,6 @@ def meeting_options() -> VadOptions:
 
 # --------------------------------------------------------------------------- model
 
-@contextlib.contextmanager
-def _keep_torch_threads():
-    # ``import silero_vad`` calls torch.set_num_threads(1) as a side effect, which
-    # would make every later Whisper forward pass single-threaded.
-    import torch
-
-    n = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != n:
-            torch.set_num_threads(n)
-
-
 def _session(filename: str):
     import importlib.resources
 
@@ -109,7 +96,8 @@ class _Vad:
     """The loaded model plus Silero's probability -> timestamps state machine."""
 
     def __init__(self, prefer_sequence: bool = True):
-        with _keep_torch_threads(), warnings.catch_warnings():
+        # ``import silero_vad`` sets torch to 1 thread, which would slow every later Whisper pass
+        with torch_threads(), warnings.catch_warnings():
             # its loader uses the deprecated importlib.resources.path
             warnings.simplefilter("ignore", DeprecationWarning)
             import silero_vad

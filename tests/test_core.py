@@ -246,6 +246,8 @@ def test_threads_follow_idle_cores_unless_pinned(monkeypatch):
     MURMUR_THREADS or an explicit count wins. The tokens do not depend on it (README)."""
     import psutil
 
+    import murmur.threads
+
     T = sys.modules["murmur.transcribe"]
     old = torch.get_num_threads()
     calls = []
@@ -256,7 +258,7 @@ def test_threads_follow_idle_cores_unless_pinned(monkeypatch):
 
     monkeypatch.setattr(psutil, "cpu_percent", load)
     monkeypatch.delenv("MURMUR_THREADS", raising=False)
-    monkeypatch.setattr(T, "_IDLE", (-1e9, 0))
+    monkeypatch.setattr(murmur.threads, "_IDLE", (-1e9, 0))
     try:
         T.set_threads()
         assert torch.get_num_threads() == 1 and calls == [0.05]
