@@ -221,15 +221,38 @@ def package_file(package: str, *parts: str, need: str, hint: str = "") -> Path:
     return Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
 
 
-def load_checkpoint(path: Path, key: str, what: str) -> dict:
-    """torch.load(path)[key] (tensors only), or a ModelError naming `what`."""
-    import pickle
+def read_checkpoint(path: Path, expected: str = "") -> object:
+    """torch.load(path) of tensors only (weights_only), or a ModelError that says why not:
+    unreadable, a pickled class (refused rather than run; `expected` says what would do), or
+    truncated / corrupt."""
+    import re
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)[key]
-    except (OSError, EOFError, pickle.UnpicklingError, KeyError, IndexError, TypeError,
-            RuntimeError) as e:  # missing, truncated, not a checkpoint, or not this one
-        raise ModelError(f"cannot load {what} {path}: {e}") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        text = str(e)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:  # e.g. torch.save(model)
+            raise ModelError(f"{path} holds a pickled {found[1]}, not just tensors; Murmur loads only plain "
+                             f"checkpoints {expected}".rstrip()) from None
+        # the weights-only unpickler buries the real cause ("Unsupported operand 95") in a long paragraph
+        cause = re.search(r"WeightsUnpickler error: *(.+)", text)
+        msg = cause[1] if cause else (text.strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {msg[:200]}") from None
+
+
+def load_checkpoint(path: Path, key: str, what: str) -> dict:
+    """read_checkpoint(path)[key], or a ModelError naming `what`."""
+    try:
+        ckpt = read_checkpoint(path)
+    except ModelError as e:
+        raise ModelError(f"cannot load {what}: {e}") from None
+    if not isinstance(ckpt, dict) or key not in ckpt:
+        have = sorted(map(str, ckpt))[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ModelError(f"cannot load {what} {path}: expected key {key!r}, found {have}")
+    return ckpt[key]
 
 
 def _bundled_tiny_dir() -> Path:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import ModelError
-from .loading import LoadedModel, _load_state, _tokenizer_for
+from .loading import LoadedModel, _load_state, _tokenizer_for, read_checkpoint
 from .model import ModelDims, Whisper, sinusoids
 from .tokenizer import Tokenizer
 
@@ -71,20 +71,7 @@ def _heads_from_mask(mask, dims: ModelDims, where) -> list[tuple[int, int]]:
 def load_openai_checkpoint(path: str | os.PathLike) -> LoadedModel:
     """An openai-whisper checkpoint: {"dims": {...}, "model_state_dict": {...}[, "alignment_heads": ...]}."""
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as e:
-        raise ModelError(f"cannot read {path}: {e.strerror or e}") from None
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        text = str(e)
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if found:  # a pickled class, e.g. torch.save(model): refused rather than run
-            raise ModelError(f"{path} holds a pickled {found[1]}, not just tensors; Murmur loads only plain "
-                             "checkpoints ({'dims': ..., 'model_state_dict': ...})") from None
-        # the weights-only unpickler buries the real cause ("Unsupported operand 95") in a long paragraph
-        cause = re.search(r"WeightsUnpickler error: *(.+)", text)
-        msg = cause[1] if cause else (text.strip().splitlines() or [type(e).__name__])[0]
-        raise ModelError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {msg[:200]}") from None
+    ckpt = read_checkpoint(path, "({'dims': ..., 'model_state_dict': ...})")
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt or "dims" not in ckpt:
         have = sorted(map(str, ckpt))[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ModelError(f"{path} is not an openai-whisper checkpoint: expected keys 'dims' and "

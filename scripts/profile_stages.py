@@ -3,9 +3,9 @@
     python scripts/profile_stages.py                      # chunk 30, batch 16, auto compute type
     python scripts/profile_stages.py --chunk-size full --compute-type int8 --top 15
 
-Prints the per-stage split of the wall time (from the engine's own timers) and the operators that
-took the most self CPU time under torch.profiler (which adds a little overhead of its own). A second,
-unprofiled run gives the wall time that the stage figures are fractions of.
+Prints the per-stage split of an unprofiled run's wall time (from the engine's own timers), then the
+operators that took the most self CPU time in a second run under torch.profiler (which adds a little
+overhead of its own).
 """
 from __future__ import annotations
 
