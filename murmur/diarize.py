@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cpu import native_bf16
 from .errors import AudioError
 from .threads import idle_cores, torch_threads
 from .types import Segment, Turn
@@ -163,16 +164,14 @@ def embed_windows(mel: torch.Tensor, spans: list[tuple[int, int]], threads: int 
                   bf16: bool | None = None) -> np.ndarray:
     """L2-normalised GE2E embeddings (n, 256) of mel[start:end] for each (start, end) span.
     threads: as DiarizeOptions.threads. bf16: run the LSTM in bfloat16 (None: where the CPU does
-    bf16 in hardware). It was 3x faster on such a CPU, cosine to the float32 embeddings >= 0.996,
+    bf16 in hardware; never elsewhere). It was 3x faster on such a CPU, cosine to the float32 embeddings >= 0.996,
     and the same AMI scores."""
     if threads == "auto":
         threads = idle_threads()
     # plain batches of equal length: packed sequences miss oneDNN and ran ~4x slower
     enc = load_encoder()
-    if bf16 is None:
-        from .loading import native_bf16
-
-        bf16 = native_bf16()
+    # bf16 only where the CPU has it: elsewhere oneDNN has no bf16 LSTM kernel at all
+    bf16 = native_bf16() if bf16 is None else bool(bf16) and native_bf16()
     emb = np.zeros((len(spans), 256), np.float32)
     by_len: dict[int, list[int]] = {}
     for i, (a, b) in enumerate(spans):

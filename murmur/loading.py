@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cpu import native_bf16
 from .errors import ModelError
 from .model import ModelDims, TiedLogits, Whisper
 from .tokenizer import Tokenizer
@@ -301,13 +302,6 @@ BUNDLED = {"tiny.en": _bundled_tiny_dir, "base": _bundled_base_dir}
 
 
 COMPUTE_TYPES = ("auto", "int8", "int8_bfloat16", "float32", "float16", "bfloat16")
-
-
-def native_bf16() -> bool:
-    """The CPU computes bf16 in hardware (AVX512-BF16 or AMX), so bf16 GEMMs beat int8 ones."""
-    cpu = torch.cpu
-    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def quantize_int8(model: Whisper, bf16_encoder: bool = False) -> Whisper:

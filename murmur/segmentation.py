@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu import native_bf16
 from .errors import ModelError
 from .threads import torch_threads
 
@@ -129,10 +130,8 @@ def speaker_counts(audio: np.ndarray, regions: list[tuple[float, float]], step: 
         keep = [k and bool(np.any((ch[:, 0] >= a / SR) & (ch[:, 1] <= (a + w) / SR)))
                 for k, a in zip(keep, starts)]
     starts = [a for a, k in zip(starts, keep) if k]
-    if bf16 is None:
-        from .loading import native_bf16
-
-        bf16 = native_bf16()
+    # bf16 only where the CPU has it: elsewhere oneDNN has no bf16 LSTM kernel at all
+    bf16 = native_bf16() if bf16 is None else bool(bf16) and native_bf16()
     model = load_model()
     with torch_threads(threads):
         for b in range(0, len(starts), _BATCH):

@@ -209,7 +209,7 @@ def test_long_silence_is_empty_and_quick(tmp_path, tiny):
 def test_int8_matches_float32_on_jfk(tiny, jfk_audio):
     """The CPU defaults must not change a clean transcript: int8 (every Linear and the tied logit
     head) and int8_bfloat16 (bf16 encoder), both with bf16 speech K/V in the cache."""
-    from murmur.loading import native_bf16
+    from murmur.cpu import native_bf16
     assert murmur.load_model("tiny.en").compute_type == ("int8_bfloat16" if native_bf16() else "int8")
     ref = murmur.transcribe(jfk_audio, tiny).text
     for ct in ("int8", "int8_bfloat16"):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from murmur import diarize as D
+from murmur.cpu import native_bf16
 from murmur.diarize import assign_speakers, diarize
 from murmur.types import Segment, Turn, Word
 
@@ -121,12 +122,22 @@ def test_long_recordings_cluster_a_sample(dialogue, dialogue_turns, monkeypatch)
 
 def test_bf16_embeddings_match_float(dialogue):
     """The bf16 LSTM (the default where the CPU has bf16) gives the float32 embeddings on real
-    speech, to a cosine of 0.99."""
+    speech, to a cosine of 0.99; where the CPU has no bf16, asking for it runs float32."""
     mel = D.mel_frames(dialogue[0])
     spans = [(a, a + 150) for a in range(0, len(mel) - 150, 75)]
     e32, e16 = D.embed_windows(mel, spans, bf16=False), D.embed_windows(mel, spans, bf16=True)
     assert np.allclose(np.linalg.norm(e16, axis=1), 1, atol=1e-5)
     assert (e32 * e16).sum(1).min() > 0.99
+    if not native_bf16():
+        assert np.array_equal(e32, e16)
+
+
+def test_no_bf16_lstm_without_native_bf16(dialogue, monkeypatch):
+    """A CPU without bf16 (probe forced to AVX2) never runs a bf16 LSTM, even when asked."""
+    monkeypatch.setattr(D, "native_bf16", lambda: False)
+    mel = D.mel_frames(dialogue[0])
+    spans = [(a, a + 150) for a in range(0, 600, 75)]
+    assert np.array_equal(D.embed_windows(mel, spans, bf16=True), D.embed_windows(mel, spans, bf16=False))
 
 
 def test_num_speakers_one_forces_one_label(dialogue):
