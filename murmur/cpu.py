@@ -3,7 +3,7 @@
 Kernels are chosen by family, not by what torch can call: on an AVX2-only CPU a bf16 matmul or
 `torch._int_mm` falls to generic code that runs 30-70x slower than fp32. `MURMUR_CPU` forces a
 family (`avx2`, `avx512`, `avx512_bf16`, `amx`) so one machine can run another family's paths;
-torch's own `ATEN_CPU_CAPABILITY=avx2` lowers the family the same way.
+torch's `ATEN_CPU_CAPABILITY=avx2` and oneDNN's `ONEDNN_MAX_CPU_ISA=AVX2` lower it the same way.
 """
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ FAMILIES = ("generic", "avx2", "avx512", "avx512_bf16", "amx")
 _FLAGS = {"avx2": "avx2", "fma": "fma", "f16c": "f16c", "avx512f": "avx512", "avx512bw": "avx512bw",
           "avx512_vnni": "vnni", "avx_vnni": "avx_vnni", "avx512_bf16": "avx512_bf16",
           "amx_tile": "amx", "amx_bf16": "amx_bf16", "amx_int8": "amx_int8"}
+# ONEDNN_MAX_CPU_ISA -> the highest family oneDNN may then use
+_ONEDNN_CAP = {"SSE41": "generic", "AVX": "generic", "AVX2": "avx2", "AVX2_VNNI": "avx2",
+               "AVX2_VNNI_2": "avx2", "AVX512_CORE": "avx512", "AVX512_CORE_VNNI": "avx512",
+               "AVX512_CORE_BF16": "avx512_bf16", "AVX10_1_512": "avx512_bf16"}
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,12 @@ def cpu_info() -> CPUInfo:
             raise MurmurError(f"MURMUR_CPU={want!r}: choose one of {', '.join(FAMILIES)}")
         if FAMILIES.index(want) < FAMILIES.index(family):
             family, forced = want, f"MURMUR_CPU={want}"
-    elif aten in ("avx2", "default") and FAMILIES.index(family) > FAMILIES.index("avx2"):
-        family, forced = ("avx2" if aten == "avx2" else "generic"), f"ATEN_CPU_CAPABILITY={aten}"
+    else:  # torch's and oneDNN's own caps lower the family too: their kernels obey them
+        onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+        cap = {"avx2": "avx2", "default": "generic"}.get(aten) or _ONEDNN_CAP.get(onednn)
+        if cap and FAMILIES.index(cap) < FAMILIES.index(family):
+            family = cap
+            forced = f"ATEN_CPU_CAPABILITY={aten}" if aten in ("avx2", "default") else f"ONEDNN_MAX_CPU_ISA={onednn}"
     return CPUInfo(model, frozenset(features), family, forced)
 
 

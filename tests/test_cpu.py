@@ -9,7 +9,7 @@ from murmur.errors import MurmurError
 def probe(monkeypatch):
     """A fresh probe after the environment changes; cached again for the tests after."""
     def read(**env):
-        for k in ("MURMUR_CPU", "ATEN_CPU_CAPABILITY"):
+        for k in ("MURMUR_CPU", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
             monkeypatch.delenv(k, raising=False)
         for k, v in env.items():
             monkeypatch.setenv(k, v)
@@ -36,6 +36,7 @@ def test_forcing_avx2_turns_off_bf16(probe):
     info = probe(MURMUR_CPU="avx2")
     assert info.family in ("avx2", "generic") and not info.native_bf16 and not cpu.native_bf16()
     assert probe(ATEN_CPU_CAPABILITY="avx2").native_bf16 is False
+    assert probe(ONEDNN_MAX_CPU_ISA="AVX2").native_bf16 is False
 
 
 def test_forcing_never_raises_the_family(probe):
