@@ -86,6 +86,8 @@ def speaker_scores(item: dataset.Item, result) -> dict:
 
 def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None, kv_opts=None,
                sparsity=None, progress=False, diarize=False, compute_type="auto") -> dict:
+    """One configuration over the set: a row of pooled scores and stage times; the transcripts go
+    under the row's "transcripts" key (cmd_bench writes them out and drops the key)."""
     from ..transcribe import get_model, transcribe
     loaded = get_model(model, compute_type=compute_type)
     extra = {}
@@ -95,7 +97,7 @@ def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None
     if sparsity and sparsity != "off":
         from ..sparsify import parse_encoder_sparsity
         extra["encoder_hooks"] = parse_encoder_sparsity(sparsity, loaded)
-    per, stats, spk = [], [], []
+    per, stats, spk, hyps = [], [], [], []
     mon = peers._PeakRSS()
     with mon.watch():
         t0 = time.perf_counter()
@@ -107,6 +109,9 @@ def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None
                            beam_size=beam_size, progress=progress, diarize=diarize and bool(it.ref_segments),
                            **extra)
             stats.append(r.stats)
+            hyps.append({"item": it.name, "text": r.text,
+                         "segments": [{"start": round(g.start, 3), "end": round(g.end, 3), "text": g.text,
+                                       "tokens": g.tokens} for g in r.segments]})
             if it.reference:
                 per.append(_wer(it.reference, r.text))
             if diarize and it.ref_segments:
@@ -147,6 +152,7 @@ def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None
     clip_der = [x["der_clip"] for x in spk if "der_clip" in x]
     row["der_mean"] = round(float(np.mean(clip_der)), 2) if clip_der else None
     row["speakers_exact"] = f"{sum(x['speakers_exact'] for x in spk)}/{len(spk)}" if spk else None
+    row["transcripts"] = hyps
     return row
 
 
@@ -163,7 +169,8 @@ def run_peer(items, peer: str, batch_size: int = 8, beam_size: int = 1) -> dict:
     return {"name": name, "kind": "peer", "chunk_size": "vad" if "batched" in name else "full",
             "batch_size": batch_size if "batched" in name else 1, "beam_size": beam_size,
             **_pool(per), "wall_s": round(walls, 2), "rtfx": round(audio_s / walls, 2),
-            "audio_s": round(audio_s, 1), "peak_rss_mb": round(peaks, 1)}
+            "audio_s": round(audio_s, 1), "peak_rss_mb": round(peaks, 1),
+            "transcripts": [{"item": it.name, "text": r["text"]} for it, r in zip(items, results)]}
 
 
 def _csv_list(s: str) -> list[str]:
@@ -186,7 +193,7 @@ def add_parser(sub) -> None:
     p.add_argument("--repeat", type=int, default=1, help="loop the stitched set N times")
     p.add_argument("--peers", default="", help="comma list: faster-whisper,faster-whisper-batched")
     p.add_argument("--peer-batch-size", type=int, default=8)
-    p.add_argument("--out", default="bench-out", help="folder for CSV, JSON and the PNG plot")
+    p.add_argument("--out", default="bench-out", help="folder for CSV, JSON, the PNG plot and transcripts/ (each configuration's text and tokens)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--diarize", action="store_true",
                    help="label speakers and report cpWER/tcpWER/DER where the set has speaker references")
@@ -234,6 +241,7 @@ def cmd_bench(args) -> int:
             r["wall_vs_seq_peer"] = round(r["wall_s"] / seq_peer["wall_s"], 3)
             if r["wer"] is not None and seq_peer["wer"] is not None:
                 r["wer_minus_seq_peer"] = round(r["wer"] - seq_peer["wer"], 2)
+    _write_transcripts(rows, out / "transcripts")
     write_csv(rows, out / "bench.csv")
     write_json(rows, out / "bench.json")
     if any(r["wer"] is not None for r in rows):
@@ -248,9 +256,23 @@ def cmd_bench(args) -> int:
     for r in rows:
         table.add_row(*[_fmt(r.get(c)) for c in cols if c in shown])
     Console(width=max(Console().width, 200)).print(table)  # a pipe reports 80 columns: keep the table readable
-    console.print(f"wrote {out / 'bench.csv'}, {out / 'bench.json'}" +
+    console.print(f"wrote {out / 'bench.csv'}, {out / 'bench.json'}, {out / 'transcripts'}/" +
                   (f", {out / 'bench.png'}" if (out / "bench.png").exists() else ""))
     return 0
+
+
+def _write_transcripts(rows: list[dict], folder: Path) -> None:
+    """Each configuration's hypotheses: <name>.txt (one item's text a line) and <name>.json (with
+    segments and their tokens, so two runs can be compared token for token)."""
+    import json
+    import re
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        hyps = r.pop("transcripts", [])
+        stem = re.sub(r"[^A-Za-z0-9.+:-]+", "_", r["name"].replace("=", "-")).strip("_")
+        (folder / f"{stem}.txt").write_text("".join(h["text"] + "\n" for h in hyps), encoding="utf-8")
+        (folder / f"{stem}.json").write_text(json.dumps(hyps, indent=1) + "\n", encoding="utf-8")
 
 
 def _fmt(v) -> str:
