@@ -6,11 +6,11 @@ import os
 # stitched set 82 -> 21 s with one core taken, 7.9-8.0 -> 8.1-8.3 s when idle. A user's value wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-from .decoding import DecodingOptions  # noqa: E402
-from .errors import AudioError, ModelError, MurmurError
-from .loading import load_model
-from .transcribe import transcribe
-from .types import Segment, Transcript, Turn, Word
+from murmur.decoding import DecodingOptions  # noqa: E402
+from murmur.errors import AudioError, ModelError, MurmurError
+from murmur.loading import load_model
+from murmur.transcribe import transcribe
+from murmur.types import Segment, Transcript, Turn, Word
 
 __all__ = ["transcribe", "load_model", "DecodingOptions", "Transcript", "Segment", "Word", "Turn",
            "MurmurError", "AudioError", "ModelError"]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .audio import N_SAMPLES, load_audio
+from murmur.audio import N_SAMPLES, load_audio
 
 # locality windows, shared with DuoAttention's calibration and policy defaults
 SELF_SINK, SELF_WINDOW = 4, 32
@@ -43,10 +43,10 @@ def decode_windows(loaded, audio, max_windows: int | None = None, batch_size: in
     """The windows of a sequential (full-mode) greedy transcription of `audio` (one array, or a list
     of them decoded side by side), with the prompts the long-form rules gave them (previous text
     included), as the engine decoded them. `max_windows` first cuts each audio to that many 30 s."""
-    from .decoding import DecodingOptions
-    from .engine import Engine
-    from .longform import ChunkStream
-    from .scheduler import StreamScheduler
+    from murmur.decoding import DecodingOptions
+    from murmur.engine import Engine
+    from murmur.longform import ChunkStream
+    from murmur.scheduler import StreamScheduler
     audios = [audio] if isinstance(audio, np.ndarray) else list(audio)
     if max_windows:
         audios = [a[: max_windows * N_SAMPLES] for a in audios]
@@ -309,7 +309,7 @@ def analyze_attention(audio_path, model="tiny.en", out_dir="attention_out", max_
                       **params) -> dict:
     """Locality of every layer and head; writes attention.txt, attention.json and attention.png to
     `out_dir` and returns the statistics (with 'table', 'png', 'json' paths)."""
-    from .transcribe import get_model
+    from murmur.transcribe import get_model
     loaded = get_model(model)
     audio = load_audio(audio_path) if not isinstance(audio_path, np.ndarray) else audio_path
     res = collect(loaded, [audio], max_windows=max_windows, **params)

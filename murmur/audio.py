@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import AudioError
+from murmur.errors import AudioError
 
 SAMPLE_RATE = 16000
 N_FFT = 400

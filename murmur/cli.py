@@ -7,7 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import MurmurError
+from murmur.errors import MurmurError
 
 CHUNK_CHOICES = ("30", "60", "120", "300", "600", "full")
 # murmur.loading.COMPUTE_TYPES, kept here so `murmur --help` does not import torch (a test checks)
@@ -64,8 +64,8 @@ def _decode_kwargs(args) -> dict:
 def cmd_transcribe(args) -> int:
     import os
 
-    from . import writers
-    from .transcribe import get_model, transcribe
+    from murmur import writers
+    from murmur.transcribe import get_model, transcribe
 
     if args.threads:
         os.environ["MURMUR_THREADS"] = str(args.threads)
@@ -101,7 +101,7 @@ def cmd_transcribe(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from .analyze import analyze_attention
+    from murmur.analyze import analyze_attention
     res = analyze_attention(args.audio, model=args.model, out_dir=args.out, max_windows=args.max_windows)
     print(res["table"])
     print(f"wrote {res.get('png')}, {res.get('json')}", file=sys.stderr)
@@ -109,14 +109,14 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_calibrate_duo(args) -> int:
-    from .duo import calibrate_duo
+    from murmur.duo import calibrate_duo
     res = calibrate_duo(args.model, args.audio or None, args.out, method=args.method, steps=args.steps)
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}, indent=2, default=str))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from murmur import __version__
     parser = argparse.ArgumentParser(prog="murmur", description="Long-form speech recognition, offline.")
     parser.add_argument("--version", action="version", version=f"murmur {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("transcribe", help="transcribe audio or video files")
     p.add_argument("files", nargs="+", help="audio/video files (wav, flac, mp3, m4a, ogg, mp4, ...)")
     _add_decode_args(p)
-    from .writers import FORMATS
+    from murmur.writers import FORMATS
     p.add_argument("--format", "-f", default="txt", choices=FORMATS)
     p.add_argument("--output", "-o", default="-", help="file, folder, or - for stdout (default)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200, help="gate training steps")
     p.set_defaults(func=cmd_calibrate_duo)
 
-    from .bench.run import add_parser as add_bench
-    from .cli_eval import add_parser as add_eval
+    from murmur.bench.run import add_parser as add_bench
+    from murmur.cli_eval import add_parser as add_eval
     add_eval(sub)
     add_bench(sub)
     return parser

@@ -88,7 +88,7 @@ def cpu_info() -> CPUInfo:
     aten = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
     if want:
         if want not in FAMILIES:
-            from .errors import MurmurError
+            from murmur.errors import MurmurError
 
             raise MurmurError(f"MURMUR_CPU={want!r}: choose one of {', '.join(FAMILIES)}")
         if FAMILIES.index(want) < FAMILIES.index(family):

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cpu import native_bf16
-from .errors import AudioError
-from .threads import idle_cores, torch_threads
-from .types import Segment, Turn
+from murmur.cpu import native_bf16
+from murmur.errors import AudioError
+from murmur.threads import idle_cores, torch_threads
+from murmur.types import Segment, Turn
 
 SR = 16000
 HOP = 160  # 10 ms mel hop, as the encoder was trained
@@ -75,7 +75,7 @@ _BATCH = 256  # windows per LSTM call
 def load_encoder() -> _Encoder:
     global _ENCODER
     if _ENCODER is None:
-        from .loading import load_checkpoint, package_file
+        from murmur.loading import load_checkpoint, package_file
 
         # not `import resemblyzer`: see the module docstring
         path = package_file("resemblyzer", "pretrained.pt", need="speaker diarization")
@@ -289,7 +289,7 @@ def diarize(audio: np.ndarray, sr: int = SR, *, num_speakers: int | None = None,
         audio = resample_poly(audio, SR, sr).astype(np.float32)
     dur = len(audio) / SR
     if regions is None:
-        from .vad import meeting_options, speech_regions
+        from murmur.vad import meeting_options, speech_regions
 
         regions = speech_regions(audio, SR, opts.vad or meeting_options())
     regions = _join([(max(0.0, s), min(dur, e)) for s, e in regions if min(dur, e) > max(0.0, s)])
@@ -306,7 +306,7 @@ def diarize(audio: np.ndarray, sr: int = SR, *, num_speakers: int | None = None,
     emb = embed_windows(mel, spans, threads, opts.bf16)
 
     def counts(changes):
-        from .segmentation import speaker_counts
+        from murmur.segmentation import speaker_counts
 
         return speaker_counts(audio, regions, opts.overlap_step, opts.bf16, changes, threads)
     return _label(regions, spans, emb, len(mel), opts, num_speakers, min_speakers, max_speakers,
@@ -376,7 +376,7 @@ def _label(regions, spans, emb, n_frames, opts, num=None, lo=1, hi=None, counts=
     # overlap: where the segmentation model counts two voices, the runner-up centroid is the
     # second. Only windows where the primary labels change speaker are run: a voice never on
     # top inside 10 s can only be a short interjection, and a monologue costs nothing.
-    from .segmentation import FRAME_DUR, FRAME_STEP
+    from murmur.segmentation import FRAME_DUR, FRAME_STEP
 
     steps = np.concatenate([i + np.arange(len(top)) for _, _, i, top in tops])
     first = np.concatenate([top[:, 0] for *_, top in tops])

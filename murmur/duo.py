@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelError
+from murmur.errors import ModelError
 
 DATA = Path(__file__).resolve().parent / "data"
 GATE_THRESHOLD = 0.5  # a trained gate at least this high: a retrieval head
@@ -89,7 +89,7 @@ def train_gates(loaded, windows, steps: int = 200, lr: float = 0.05, l1: float =
     model: returns the self and cross gates [L, H] and the distillation loss every 20 steps."""
     import torch
 
-    from .analyze import anchors, decoder_replay
+    from murmur.analyze import anchors, decoder_replay
     p = _budget(params)
     m = loaded.model
     if m.dtype != torch.float32 or any(type(x).__name__ == "Int8Linear" for x in m.modules()):
@@ -143,7 +143,7 @@ def train_gates(loaded, windows, steps: int = 200, lr: float = 0.05, l1: float =
 
 def _budget(params: dict) -> dict:
     """The streaming budget: analyze's locality windows, overridden by `params`."""
-    from .analyze import CROSS_AHEAD, CROSS_BACK, CROSS_SINK, SELF_SINK, SELF_WINDOW
+    from murmur.analyze import CROSS_AHEAD, CROSS_BACK, CROSS_SINK, SELF_SINK, SELF_WINDOW
     return dict(self_sink=SELF_SINK, self_window=SELF_WINDOW, cross_sink=CROSS_SINK,
                 cross_back=CROSS_BACK, cross_ahead=CROSS_AHEAD) | params
 
@@ -161,9 +161,9 @@ def calibrate_duo(model_name: str = "tiny.en", audio_paths=None, out_path: str |
     (default: the user's map, which load_duo_map prefers to the shipped one). Returns the map.
     method: "gates" (trained, float32 model; retrieval heads: gate >= 0.5) or "mass" (attention
     outside the budget; retrieval heads: the `retrieval_fraction` with most)."""
-    from .analyze import collect, decode_windows
-    from .audio import load_audio
-    from .transcribe import get_model
+    from murmur.analyze import collect, decode_windows
+    from murmur.audio import load_audio
+    from murmur.transcribe import get_model
     t0 = time.perf_counter()
     paths = list(audio_paths) if audio_paths else default_calibration_audio()
     if method == "gates":

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .decoding import BeamGroup, DecodingOptions, LogitRules, RowState, rank, sample
-from .kv import KVCache
-from .loading import LoadedModel
+from murmur.decoding import BeamGroup, DecodingOptions, LogitRules, RowState, rank, sample
+from murmur.kv import KVCache
+from murmur.loading import LoadedModel
 
 STOP_EVERY = 8  # steps between stop checks: a check decodes and compresses the row's text
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cpu import native_bf16
-from .errors import ModelError
-from .model import ModelDims, TiedLogits, Whisper
-from .tokenizer import Tokenizer
+from murmur.cpu import native_bf16
+from murmur.errors import ModelError
+from murmur.model import ModelDims, TiedLogits, Whisper
+from murmur.tokenizer import Tokenizer
 
 # CTranslate2 dtype ids -> numpy dtypes (bf16 is read as uint16 and widened by hand)
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: np.uint16}
@@ -311,7 +311,7 @@ def quantize_int8(model: Whisper, bf16_encoder: bool = False) -> Whisper:
     window on 1500 frames, not once per token) stay in bf16 instead: on a CPU with bf16 in
     hardware their large GEMMs beat int8's, whose per-row quantisation passes cost more than the
     integer products."""
-    from .quant import Int8Linear, quantize_linears
+    from murmur.quant import Int8Linear, quantize_linears
     once_per_window = [m for b in model.decoder.blocks for m in (b.cross_attn.key, b.cross_attn.value)]
     if bf16_encoder:
         model.encoder.to(torch.bfloat16)
@@ -352,10 +352,10 @@ def load_model(name_or_path: str | os.PathLike = "tiny.en", device: str | None =
         elif path.is_file() and path.name == "model.bin":
             loaded = load_ct2_folder(path.parent)
         elif path.is_file() and path.suffix == ".pt":
-            from .loading_other import load_openai_checkpoint
+            from murmur.loading_other import load_openai_checkpoint
             loaded = load_openai_checkpoint(path)
         elif path.is_dir() and any(path.glob("*.safetensors")) and (path / "config.json").is_file():
-            from .loading_other import load_hf_folder
+            from murmur.loading_other import load_hf_folder
             loaded = load_hf_folder(path)
         else:
             raise ModelError(f"{path} is not a Whisper model: expected a CTranslate2 folder (model.bin), "

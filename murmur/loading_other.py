@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ModelError
-from .loading import LoadedModel, _load_state, _tokenizer_for, read_checkpoint
-from .model import ModelDims, Whisper, sinusoids
-from .tokenizer import Tokenizer
+from murmur.errors import ModelError
+from murmur.loading import LoadedModel, _load_state, _tokenizer_for, read_checkpoint
+from murmur.model import ModelDims, Whisper, sinusoids
+from murmur.tokenizer import Tokenizer
 
 _DIM_FIELDS = [f.name for f in fields(ModelDims)]
 

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
-from .decoding import DecodingOptions, compression_ratio
-from .engine import Request
-from .tokenizer import Tokenizer
-from .types import Segment
+from murmur.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
+from murmur.decoding import DecodingOptions, compression_ratio
+from murmur.engine import Request
+from murmur.tokenizer import Tokenizer
+from murmur.types import Segment
 
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
 INPUT_STRIDE = 2  # mel frames per encoder frame
@@ -218,7 +218,7 @@ class ChunkStream:
         self._move(advance if advance > 0 else size)  # always move forward: no loops
 
     def _add_words(self, req: Request, new: list[Segment], offset: float, size: int) -> None:
-        from .timing import add_word_timestamps
+        from murmur.timing import add_word_timestamps
         model = self.model.model
         feats = req.features
         if feats is None or feats.shape[1] != model.dims.n_audio_ctx:

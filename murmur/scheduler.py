@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
-from .engine import Request
-from .longform import ChunkStream
+from murmur.engine import Request
+from murmur.longform import ChunkStream
 
 
 class StreamScheduler:

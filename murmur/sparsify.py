@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .errors import MurmurError
-from .model import EncoderHook
+from murmur.errors import MurmurError
+from murmur.model import EncoderHook
 
 # Chosen by scripts/sparsity_sweep.py (see its docstring for the table): the default of
 # `--encoder-sparsity default`. "off" until a setting meets the bar (see the report).

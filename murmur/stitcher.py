@@ -1,7 +1,7 @@
 """Join the segments of all chunks into one timeline on the recording's clock."""
 from __future__ import annotations
 
-from .types import Segment
+from murmur.types import Segment
 
 
 def stitch(per_chunk: list[list[Segment]]) -> list[Segment]:

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
-from .kv import KVCache
-from .types import Segment, Word
+from murmur.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
+from murmur.kv import KVCache
+from murmur.types import Segment, Word
 
 TOKENS_PER_SECOND = SAMPLE_RATE / HOP_LENGTH / 2  # encoder frames per second (50)
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # mel frames per second (100)

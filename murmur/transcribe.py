@@ -10,15 +10,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE, load_audio, log_mel_spectrogram
-from .decoding import DecodingOptions
-from .engine import Engine
-from .errors import MurmurError
-from .kv import KVCache
-from .loading import LoadedModel, load_model
-from .longform import ChunkStream, TimeMap
-from .scheduler import StreamScheduler
-from .types import Transcript
+from murmur.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE, load_audio, log_mel_spectrogram
+from murmur.decoding import DecodingOptions
+from murmur.engine import Engine
+from murmur.errors import MurmurError
+from murmur.kv import KVCache
+from murmur.loading import LoadedModel, load_model
+from murmur.longform import ChunkStream, TimeMap
+from murmur.scheduler import StreamScheduler
+from murmur.types import Transcript
 
 _MODELS: dict[tuple, LoadedModel] = {}
 
@@ -37,7 +37,7 @@ def set_threads(n: int | None = None) -> None:
     """torch threads for a run: `n`, else $MURMUR_THREADS, else the cores that other programs leave
     idle (threads.idle_cores). With one of 2 cores busy elsewhere, 2 threads ran the stitched set in 21 s
     and 1 thread in 12 s; idle, 2 threads take 7.7 s (the tokens are the same either way)."""
-    from .threads import idle_cores
+    from murmur.threads import idle_cores
 
     n = n or int(os.environ.get("MURMUR_THREADS", 0)) or idle_cores()
     if torch.get_num_threads() != n:
@@ -59,7 +59,7 @@ class ChunkPlan:
 @torch.inference_mode()
 def detect_language(loaded: LoadedModel, audio: np.ndarray) -> tuple[str, dict[str, float]]:
     """Whisper's language detection on the first 30 s: one decoder step after <|startoftranscript|>."""
-    from .tokenizer import LANGUAGES
+    from murmur.tokenizer import LANGUAGES
     tok, model = loaded.tokenizer, loaded.model
     if not tok.multilingual:
         return "en", {"en": 1.0}
@@ -80,8 +80,8 @@ def plan_chunks(audio: np.ndarray, chunk_size: float | None, vad_options=None) -
     """Full mode is the whole recording as one chunk (sequential mode); otherwise VAD + chunker."""
     if chunk_size is None:
         return [ChunkPlan([audio], TimeMap.identity(0.0))], 0.0
-    from .chunker import make_chunks
-    from .vad import meeting_options, speech_regions
+    from murmur.chunker import make_chunks
+    from murmur.vad import meeting_options, speech_regions
     t0 = time.perf_counter()
     vad_options = vad_options or meeting_options()  # the diarizer's too
     regions = speech_regions(audio, SAMPLE_RATE, vad_options)
@@ -160,7 +160,7 @@ def transcribe(
         raise MurmurError(f"audio must be mono 1-D samples at 16 kHz, got shape {audio.shape}")
     duration = len(audio) / SAMPLE_RATE
     if isinstance(chunk_size, str):
-        from .chunker import parse_chunk_size
+        from murmur.chunker import parse_chunk_size
         chunk_size = parse_chunk_size(chunk_size)
     opts = options or DecodingOptions()
     if isinstance(decode_kw.get("temperature"), (int, float)):
@@ -174,11 +174,11 @@ def transcribe(
     if not tok.multilingual and lang != "en":
         raise MurmurError(f"model {loaded.name} is English-only; language {lang!r} is not supported")
     if isinstance(kv_policy, str):
-        from .kv.policies import parse_kv_policy
+        from murmur.kv.policies import parse_kv_policy
         kv_policy = parse_kv_policy(kv_policy, kv_opts, loaded)
     hooks = list(encoder_hooks)
     if encoder_sparsity:
-        from .sparsify import parse_encoder_sparsity
+        from murmur.sparsify import parse_encoder_sparsity
         hooks += parse_encoder_sparsity(encoder_sparsity, loaded)
     word_timestamps = word_timestamps or diarize
     plans, vad_s = plan_chunks(audio, chunk_size, vad_options)
@@ -197,13 +197,13 @@ def transcribe(
         if bar:
             bar.close()
     t_stitch = time.perf_counter()
-    from .stitcher import stitch
+    from murmur.stitcher import stitch
     segments = stitch([s.segments for s in streams])
     stitch_s = time.perf_counter() - t_stitch
     turns, diarize_s = [], 0.0
     if diarize:
-        from .diarize import assign_speakers
-        from .diarize import diarize as run_diarization
+        from murmur.diarize import assign_speakers
+        from murmur.diarize import diarize as run_diarization
         t_d = time.perf_counter()
         turns = run_diarization(audio, num_speakers=num_speakers, min_speakers=min_speakers,
                                 max_speakers=max_speakers, options=diarize_options,

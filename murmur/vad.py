@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .threads import torch_threads
+from murmur.threads import torch_threads
 
 SAMPLE_RATE = 16000
 FRAME_SAMPLES = 512  # one speech probability per 512 samples (32 ms) at 16 kHz

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from .errors import MurmurError
-from .types import Segment, Transcript
+from murmur.errors import MurmurError
+from murmur.types import Segment, Transcript
 
 FORMATS = ("txt", "json", "srt", "vtt", "seglst", "stm", "rttm")
 DEFAULT_SPEAKER = "spk0"

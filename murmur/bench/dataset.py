@@ -114,7 +114,7 @@ def _ami_segments() -> dict[str, list[dict]]:
 
 @lru_cache(maxsize=1)
 def _ami_turns() -> dict[str, list[tuple[float, float, str]]]:
-    from ..scoring import read_turns
+    from murmur.scoring import read_turns
 
     return read_turns(data_dir() / "ami" / "ami30.rttm")
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import dataset, peers
-from .plot import pareto_front, plot_accuracy_latency, write_csv, write_json
+from murmur.bench import dataset, peers
+from murmur.bench.plot import pareto_front, plot_accuracy_latency, write_csv, write_json
 
 SETS = ("stitched", "ami", "ljspeech", "ami-clips", "ljspeech-clips", "noref")
 
 
 def _wer(ref: str, hyp: str) -> dict:
-    from ..scoring import wer
+    from murmur.scoring import wer
     return wer(ref, hyp)
 
 
@@ -39,8 +39,8 @@ def load_set(name: str, repeat: int = 1) -> list[dataset.Item]:
 
 
 def item_from_files(audio: str, ref: str | None) -> dataset.Item:
-    from ..audio import load_audio
-    from ..scoring import read_any
+    from murmur.audio import load_audio
+    from murmur.scoring import read_any
     a = load_audio(audio)
     text = ""
     if ref:
@@ -60,8 +60,8 @@ def speaker_scores(item: dataset.Item, result) -> dict:
     """cpWER, tcpWER (5 s collar) and DER (0.25 s collar) where the item has speaker references.
     Words are scored against the SegLST; DER and the speaker count against the item's turns
     (ami30.rttm) where it has them, else against the SegLST's segments."""
-    from ..scoring import cpwer, der, tcpwer
-    from ..writers import seglst
+    from murmur.scoring import cpwer, der, tcpwer
+    from murmur.writers import seglst
     ref = [dict(e, session_id=item.name) for e in item.ref_segments]
     hyp = [dict(e, session_id=item.name) for e in seglst(result)]
     ref_turns = item.ref_turns or [(e["start_time"], e["end_time"], e["speaker"]) for e in ref]
@@ -88,14 +88,14 @@ def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None
                sparsity=None, progress=False, diarize=False, compute_type="auto") -> dict:
     """One configuration over the set: a row of pooled scores and stage times; the transcripts go
     under the row's "transcripts" key (cmd_bench writes them out and drops the key)."""
-    from ..transcribe import get_model, transcribe
+    from murmur.transcribe import get_model, transcribe
     loaded = get_model(model, compute_type=compute_type)
     extra = {}
     if kv_policy and kv_policy != "none":
-        from ..kv.policies import parse_kv_policy
+        from murmur.kv.policies import parse_kv_policy
         extra["kv_policy"] = parse_kv_policy(kv_policy, kv_opts or {}, loaded)
     if sparsity and sparsity != "off":
-        from ..sparsify import parse_encoder_sparsity
+        from murmur.sparsify import parse_encoder_sparsity
         extra["encoder_hooks"] = parse_encoder_sparsity(sparsity, loaded)
     per, stats, spk, hyps = [], [], [], []
     mon = peers._PeakRSS()
@@ -103,7 +103,7 @@ def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None
         t0 = time.perf_counter()
         for it in items:
             if kv_policy and kv_policy != "none":  # policies hold per-run state
-                from ..kv.policies import parse_kv_policy
+                from murmur.kv.policies import parse_kv_policy
                 extra["kv_policy"] = parse_kv_policy(kv_policy, kv_opts or {}, loaded)
             r = transcribe(it.audio, loaded, chunk_size=chunk_size, batch_size=batch_size,
                            beam_size=beam_size, progress=progress, diarize=diarize and bool(it.ref_segments),
@@ -204,7 +204,7 @@ def cmd_bench(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..transcribe import set_threads
+    from murmur.transcribe import set_threads
     # every run, ours and the peers' child processes, on the same fixed thread count (not the
     # load-dependent default), so that runs compare
     os.environ.setdefault("MURMUR_THREADS", str(os.cpu_count() or 1))

@@ -1,4 +1,4 @@
 """Decoder KV cache and the policies that evict from it."""
-from .cache import KVCache, Step
+from murmur.kv.cache import KVCache, Step
 
 __all__ = ["KVCache", "Step"]
