@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from murmur.audio import N_SAMPLES, load_audio
+from murmur.audio.decode import N_SAMPLES, load_audio
 
 # locality windows, shared with DuoAttention's calibration and policy defaults
 SELF_SINK, SELF_WINDOW = 4, 32

@@ -51,7 +51,7 @@ class DiarizeOptions:
     # None keeps the process setting.
     threads: int | str | None = "auto"
     bf16: bool | None = None  # LSTM in bfloat16; None: where the CPU has it natively (embed_windows)
-    vad: object = None  # murmur.vad.VadOptions for the default regions; None: vad.meeting_options()
+    vad: object = None  # murmur.audio.vad.VadOptions for the default regions; None: vad.meeting_options()
 
 
 # --- GE2E speaker encoder (Resemblyzer) -------------------------------------------------------
@@ -268,7 +268,7 @@ def diarize(audio: np.ndarray, sr: int = SR, *, num_speakers: int | None = None,
     num_speakers: the exact count if known (1 skips embedding altogether); otherwise the count is
         estimated by the clustering threshold and clamped to [min_speakers, max_speakers].
     regions: speech regions in seconds, e.g. the transcriber's VAD output, to skip a second VAD
-        pass; default: murmur.vad.speech_regions with options.vad.
+        pass; default: murmur.audio.vad.speech_regions with options.vad.
     Turns of different speakers overlap where options.overlap finds two at once. No speech
     gives [].
     """
@@ -289,7 +289,7 @@ def diarize(audio: np.ndarray, sr: int = SR, *, num_speakers: int | None = None,
         audio = resample_poly(audio, SR, sr).astype(np.float32)
     dur = len(audio) / SR
     if regions is None:
-        from murmur.vad import meeting_options, speech_regions
+        from murmur.audio.vad import meeting_options, speech_regions
 
         regions = speech_regions(audio, SR, opts.vad or meeting_options())
     regions = _join([(max(0.0, s), min(dur, e)) for s, e in regions if min(dur, e) > max(0.0, s)])

@@ -162,7 +162,7 @@ def calibrate_duo(model_name: str = "tiny.en", audio_paths=None, out_path: str |
     method: "gates" (trained, float32 model; retrieval heads: gate >= 0.5) or "mass" (attention
     outside the budget; retrieval heads: the `retrieval_fraction` with most)."""
     from murmur.analyze import collect, decode_windows
-    from murmur.audio import load_audio
+    from murmur.audio.decode import load_audio
     from murmur.transcribe import get_model
     t0 = time.perf_counter()
     paths = list(audio_paths) if audio_paths else default_calibration_audio()

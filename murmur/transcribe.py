@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from murmur.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE, load_audio, log_mel_spectrogram
+from murmur.audio.decode import N_FRAMES, N_SAMPLES, SAMPLE_RATE, load_audio, log_mel_spectrogram
 from murmur.decoding import DecodingOptions
 from murmur.engine import Engine
 from murmur.errors import MurmurError
@@ -80,8 +80,8 @@ def plan_chunks(audio: np.ndarray, chunk_size: float | None, vad_options=None) -
     """Full mode is the whole recording as one chunk (sequential mode); otherwise VAD + chunker."""
     if chunk_size is None:
         return [ChunkPlan([audio], TimeMap.identity(0.0))], 0.0
-    from murmur.chunker import make_chunks
-    from murmur.vad import meeting_options, speech_regions
+    from murmur.audio.chunker import make_chunks
+    from murmur.audio.vad import meeting_options, speech_regions
     t0 = time.perf_counter()
     vad_options = vad_options or meeting_options()  # the diarizer's too
     regions = speech_regions(audio, SAMPLE_RATE, vad_options)
@@ -160,7 +160,7 @@ def transcribe(
         raise MurmurError(f"audio must be mono 1-D samples at 16 kHz, got shape {audio.shape}")
     duration = len(audio) / SAMPLE_RATE
     if isinstance(chunk_size, str):
-        from murmur.chunker import parse_chunk_size
+        from murmur.audio.chunker import parse_chunk_size
         chunk_size = parse_chunk_size(chunk_size)
     opts = options or DecodingOptions()
     if isinstance(decode_kw.get("temperature"), (int, float)):

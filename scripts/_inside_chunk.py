@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from murmur.audio import SAMPLE_RATE, load_audio  # noqa: E402
+from murmur.audio.decode import SAMPLE_RATE, load_audio  # noqa: E402
 from murmur.decoding import DecodingOptions  # noqa: E402
 from murmur.engine import Engine  # noqa: E402
 from murmur.longform import ChunkStream  # noqa: E402

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from word_timing_eval import CLIPS, DEFAULT_DATA, ami_reference, summarize  # noqa: E402
 
-from murmur.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, load_audio, log_mel_spectrogram  # noqa: E402
+from murmur.audio.decode import HOP_LENGTH, N_FRAMES, N_SAMPLES, load_audio, log_mel_spectrogram  # noqa: E402
 from murmur.timing import (_clamp_sentence_ends, add_word_timestamps, alignment_matrices,  # noqa: E402
                            cross_attention, dtw, merge_punctuations, split_words, timings_from_path,
                            word_start_errors)

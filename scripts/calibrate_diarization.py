@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 from murmur import diarize as D
-from murmur.audio import load_audio
+from murmur.audio.decode import load_audio
+from murmur.audio.vad import meeting_options, speech_regions
 from murmur.scoring import der, read_turns
 from murmur.segmentation import speaker_counts
-from murmur.vad import meeting_options, speech_regions
 
 CLIPS = ["dev00", "dev01", *(f"trn0{i}" for i in range(1, 10)), "tst00", "tst01"]
 PARTS = ("missed detection", "false alarm", "confusion")

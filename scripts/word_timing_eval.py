@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from murmur.audio import load_audio  # noqa: E402
+from murmur.audio.decode import load_audio  # noqa: E402
 from murmur.timing import add_word_timestamps, word_start_errors  # noqa: E402
 from murmur.transcribe import get_model, transcribe  # noqa: E402
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from murmur.audio import (
+from murmur.audio.decode import (
     HOP_LENGTH,
     N_FFT,
     N_FRAMES,

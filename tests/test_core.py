@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import murmur
-from murmur.audio import load_audio
+from murmur.audio.decode import load_audio
 from murmur.decoding import DecodingOptions, LogitRules, RowState
 from murmur.errors import ModelError
 from murmur.loading import read_ct2

@@ -16,7 +16,7 @@ SR = 16000
 def dialogue(data_dir):
     """LJSpeech (speaker A) and the TED talk (speaker B) alternating, 2 turns each, 0.4 s apart.
     Returns the audio and the true (start, end, speaker) turns."""
-    from murmur.audio import load_audio
+    from murmur.audio.decode import load_audio
 
     ted = load_audio(data_dir / "ted" / "bill_gates-TED.mp3")
     parts = [
@@ -157,7 +157,7 @@ def test_given_regions_and_num_speakers(dialogue):
 def test_forced_count_skips_outlier_windows(data_dir):
     """AMI dev01 (two speakers, 9 s and 6 s): num_speakers=2 must find those two, not one
     speaker plus a lone outlier window (a plain 2-cluster cut of the tree did: DER 34 %)."""
-    from murmur.audio import load_audio
+    from murmur.audio.decode import load_audio
     from murmur.scoring import der
 
     ami = data_dir / "ami"

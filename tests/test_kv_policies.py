@@ -233,7 +233,7 @@ def test_duo_gate_training_finds_local_self_attention(data_dir):
     the distillation loss stays small, and decoder self-attention, which is local (mostly the last
     32 tokens), gives up its full cache far sooner than cross-attention over the speech does."""
     from murmur.analyze import decode_windows
-    from murmur.audio import load_audio
+    from murmur.audio.decode import load_audio
     from murmur.duo import train_gates
     from murmur.transcribe import get_model
 
@@ -253,7 +253,7 @@ def test_duo_gate_training_finds_local_self_attention(data_dir):
 
 @pytest.fixture(scope="module")
 def clips(data_dir):
-    from murmur.audio import load_audio
+    from murmur.audio.decode import load_audio
     return {"jfk": load_audio(data_dir / "jfk" / "jfk.flac"),
             "lj": np.concatenate([load_audio(data_dir / "ljspeech" / f"LJ001-000{i}.flac") for i in (1, 2, 3)]),
             "ami": load_audio(data_dir / "ami" / "dev00.flac")}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import murmur
-from murmur.audio import SAMPLE_RATE
+from murmur.audio.decode import SAMPLE_RATE
 from murmur.bench import dataset
 from murmur.decoding import DecodingOptions
 from murmur.engine import Engine

@@ -4,9 +4,9 @@ import pytest
 
 from murmur import diarize as D
 from murmur import segmentation as S
-from murmur.audio import load_audio
+from murmur.audio.decode import load_audio
+from murmur.audio.vad import meeting_options, speech_regions
 from murmur.scoring import der, read_turns
-from murmur.vad import meeting_options, speech_regions
 
 
 def _clip(data_dir, name):

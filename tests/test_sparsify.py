@@ -11,7 +11,7 @@ from murmur.sparsify import AttentiveFrameDrop, parse_encoder_sparsity
 
 @pytest.fixture(scope="module")
 def mel(jfk_path):
-    from murmur.audio import N_SAMPLES, load_audio, log_mel_spectrogram
+    from murmur.audio.decode import N_SAMPLES, load_audio, log_mel_spectrogram
     a = load_audio(jfk_path)
     return log_mel_spectrogram(a, padding=N_SAMPLES)[:, :3000][None]
 

@@ -124,7 +124,7 @@ def test_jfk_words_in_stream(tiny, jfk_path):
 
 
 def test_ami_word_starts_post_pass(tiny, data_dir):
-    from murmur.audio import load_audio
+    from murmur.audio.decode import load_audio
     from murmur.transcribe import transcribe
     clip = "trn03"  # 103 reference words and quick to decode (no fallbacks)
     path = data_dir / "ami" / f"{clip}.flac"

@@ -8,15 +8,15 @@ import av
 import numpy as np
 import pytest
 
-from murmur import vad
-from murmur.chunker import CHUNK_SIZES, Chunk, make_chunks, merge_regions, parse_chunk_size
-from murmur.vad import VadOptions, regions_from_probs, speech_probs, speech_regions
+from murmur.audio import vad
+from murmur.audio.chunker import CHUNK_SIZES, Chunk, make_chunks, merge_regions, parse_chunk_size
+from murmur.audio.vad import VadOptions, regions_from_probs, speech_probs, speech_regions
 
 SR = 16000
 
 
 def _load(path: Path) -> np.ndarray:
-    # Decoded here with PyAV so these tests don't depend on murmur.audio.
+    # Decoded here with PyAV so these tests don't depend on murmur.audio.decode.
     out = []
     resampler = av.AudioResampler(format="flt", layout="mono", rate=SR)
     with av.open(str(path)) as container:
@@ -134,7 +134,7 @@ def test_loading_vad_keeps_torch_threads():
     # silero_vad sets torch threads to 1 on import; only a fresh process shows it.
     code = (
         "import numpy as np, torch; torch.set_num_threads(2);"
-        "from murmur.vad import speech_regions; speech_regions(np.zeros(16000, np.float32));"
+        "from murmur.audio.vad import speech_regions; speech_regions(np.zeros(16000, np.float32));"
         "print(torch.get_num_threads())"
     )
     out = subprocess.run(

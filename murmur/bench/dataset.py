@@ -73,8 +73,8 @@ def _pyav_load(path: Path) -> np.ndarray:
 def _load(path: str) -> np.ndarray:
     """Decode once per process; the array is read-only because it is shared."""
     try:
-        from murmur.audio import load_audio
-    except Exception:  # murmur.audio absent or broken: keep benchmarks usable
+        from murmur.audio.decode import load_audio
+    except Exception:  # murmur.audio.decode absent or broken: keep benchmarks usable
         load_audio = _pyav_load
     a = np.ascontiguousarray(load_audio(Path(path)), dtype=np.float32)
     a.setflags(write=False)

@@ -39,7 +39,7 @@ def load_set(name: str, repeat: int = 1) -> list[dataset.Item]:
 
 
 def item_from_files(audio: str, ref: str | None) -> dataset.Item:
-    from murmur.audio import load_audio
+    from murmur.audio.decode import load_audio
     from murmur.scoring import read_any
     a = load_audio(audio)
     text = ""

@@ -140,7 +140,7 @@ def _as_audio(audio, sr: int) -> np.ndarray:
     if sr != SAMPLE_RATE:
         raise ValueError(
             f"VAD needs {SAMPLE_RATE} Hz audio, got sr={sr}; decode with "
-            f"murmur.audio.load_audio(path, sr={SAMPLE_RATE})"
+            f"murmur.audio.decode.load_audio(path, sr={SAMPLE_RATE})"
         )
     a = np.asarray(audio)
     if a.ndim != 1:
