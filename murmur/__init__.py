@@ -8,7 +8,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from murmur.decoding import DecodingOptions  # noqa: E402
 from murmur.errors import AudioError, ModelError, MurmurError
-from murmur.loading import load_model
+from murmur.models.loading import load_model
 from murmur.transcribe import transcribe
 from murmur.types import Segment, Transcript, Turn, Word
 

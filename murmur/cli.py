@@ -10,7 +10,7 @@ from pathlib import Path
 from murmur.errors import MurmurError
 
 CHUNK_CHOICES = ("30", "60", "120", "300", "600", "full")
-# murmur.loading.COMPUTE_TYPES, kept here so `murmur --help` does not import torch (a test checks)
+# murmur.models.loading.COMPUTE_TYPES, kept here so `murmur --help` does not import torch (a test checks)
 COMPUTE_TYPES = ("auto", "int8", "int8_bfloat16", "float32", "float16", "bfloat16")
 DEFAULT_CHUNK = "30"  # best WER in the stitched-set sweep (README, docs/bench.png)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from murmur.tokenizer import Tokenizer
+from murmur.models.tokenizer import Tokenizer
 
 NEG_INF = float("-inf")
 

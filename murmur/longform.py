@@ -15,7 +15,7 @@ import torch
 from murmur.audio.decode import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
 from murmur.decoding import DecodingOptions, compression_ratio
 from murmur.engine import Request
-from murmur.tokenizer import Tokenizer
+from murmur.models.tokenizer import Tokenizer
 from murmur.types import Segment
 
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second

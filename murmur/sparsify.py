@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from murmur.errors import MurmurError
-from murmur.model import EncoderHook
+from murmur.models.whisper import EncoderHook
 
 # Chosen by scripts/sparsity_sweep.py (see its docstring for the table): the default of
 # `--encoder-sparsity default`. "off" until a setting meets the bar (see the report).

@@ -15,8 +15,8 @@ from murmur.decoding import DecodingOptions
 from murmur.engine import Engine
 from murmur.errors import MurmurError
 from murmur.kv import KVCache
-from murmur.loading import LoadedModel, load_model
 from murmur.longform import ChunkStream, TimeMap
+from murmur.models.loading import LoadedModel, load_model
 from murmur.scheduler import StreamScheduler
 from murmur.types import Transcript
 
@@ -59,7 +59,7 @@ class ChunkPlan:
 @torch.inference_mode()
 def detect_language(loaded: LoadedModel, audio: np.ndarray) -> tuple[str, dict[str, float]]:
     """Whisper's language detection on the first 30 s: one decoder step after <|startoftranscript|>."""
-    from murmur.tokenizer import LANGUAGES
+    from murmur.models.tokenizer import LANGUAGES
     tok, model = loaded.tokenizer, loaded.model
     if not tok.multilingual:
         return "en", {"en": 1.0}

@@ -16,7 +16,7 @@ import murmur
 from murmur.audio.decode import load_audio
 from murmur.decoding import DecodingOptions, LogitRules, RowState
 from murmur.errors import ModelError
-from murmur.loading import read_ct2
+from murmur.models.loading import read_ct2
 from murmur.scoring import normalize
 
 JFK = ("And so, my fellow Americans, ask not what your country can do for you; "
@@ -100,7 +100,8 @@ def test_temperature_fallback_runs(tiny, jfk_audio):
 
 
 def test_cli_compute_types_are_the_loaders():
-    from murmur import cli, loading
+    from murmur import cli
+    from murmur.models import loading
     assert cli.COMPUTE_TYPES == loading.COMPUTE_TYPES
 
 

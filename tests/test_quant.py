@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from murmur.quant import Int8Linear, quantize_linears
+from murmur.models.quant import Int8Linear, quantize_linears
 
 
 def test_int8_rows_are_batch_invariant_and_close_to_float():

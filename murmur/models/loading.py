@@ -17,8 +17,8 @@ import torch
 
 from murmur.cpu import native_bf16
 from murmur.errors import ModelError
-from murmur.model import ModelDims, TiedLogits, Whisper
-from murmur.tokenizer import Tokenizer
+from murmur.models.tokenizer import Tokenizer
+from murmur.models.whisper import ModelDims, TiedLogits, Whisper
 
 # CTranslate2 dtype ids -> numpy dtypes (bf16 is read as uint16 and widened by hand)
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: np.uint16}
@@ -305,13 +305,13 @@ COMPUTE_TYPES = ("auto", "int8", "int8_bfloat16", "float32", "float16", "bfloat1
 
 
 def quantize_int8(model: Whisper, bf16_encoder: bool = False) -> Whisper:
-    """int8 for every Linear and the tied logit projection (CPU), row-wise: see murmur.quant.
+    """int8 for every Linear and the tied logit projection (CPU), row-wise: see murmur.models.quant.
 
     With `bf16_encoder` the encoder and the decoder's cross K/V projections (which run once per
     window on 1500 frames, not once per token) stay in bf16 instead: on a CPU with bf16 in
     hardware their large GEMMs beat int8's, whose per-row quantisation passes cost more than the
     integer products."""
-    from murmur.quant import Int8Linear, quantize_linears
+    from murmur.models.quant import Int8Linear, quantize_linears
     once_per_window = [m for b in model.decoder.blocks for m in (b.cross_attn.key, b.cross_attn.value)]
     if bf16_encoder:
         model.encoder.to(torch.bfloat16)
@@ -329,7 +329,7 @@ def load_model(name_or_path: str | os.PathLike = "tiny.en", device: str | None =
     """Load a model by bundled name or local path.
 
     Compute types:
-      int8           (CPU) every Linear int8, row-wise, so batch-invariant (murmur.quant); speech K/V
+      int8           (CPU) every Linear int8, row-wise, so batch-invariant (murmur.models.quant); speech K/V
                      of the decoder cache in bf16 (a decode step's largest read, halved).
       int8_bfloat16  (CPU) the per-token decoder as int8; the encoder and the cross K/V
                      projections in bf16. Where the CPU has bf16 in hardware, their large GEMMs
@@ -352,10 +352,10 @@ def load_model(name_or_path: str | os.PathLike = "tiny.en", device: str | None =
         elif path.is_file() and path.name == "model.bin":
             loaded = load_ct2_folder(path.parent)
         elif path.is_file() and path.suffix == ".pt":
-            from murmur.loading_other import load_openai_checkpoint
+            from murmur.models.openai import load_openai_checkpoint
             loaded = load_openai_checkpoint(path)
         elif path.is_dir() and any(path.glob("*.safetensors")) and (path / "config.json").is_file():
-            from murmur.loading_other import load_hf_folder
+            from murmur.models.openai import load_hf_folder
             loaded = load_hf_folder(path)
         else:
             raise ModelError(f"{path} is not a Whisper model: expected a CTranslate2 folder (model.bin), "

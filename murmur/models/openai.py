@@ -1,6 +1,6 @@
 """Load Whisper weights saved by openai-whisper (.pt) or Hugging Face transformers (safetensors folder).
 
-Both return an fp32 CPU `LoadedModel`; `murmur.loading.load_model` moves it to its device and dtype.
+Both return an fp32 CPU `LoadedModel`; `murmur.models.loading.load_model` moves it to its device and dtype.
 Our module's names are openai-whisper's, so a .pt state dict loads as is; HF names are mapped.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from murmur.errors import ModelError
-from murmur.loading import LoadedModel, _load_state, _tokenizer_for, read_checkpoint
-from murmur.model import ModelDims, Whisper, sinusoids
-from murmur.tokenizer import Tokenizer
+from murmur.models.loading import LoadedModel, _load_state, _tokenizer_for, read_checkpoint
+from murmur.models.tokenizer import Tokenizer
+from murmur.models.whisper import ModelDims, Whisper, sinusoids
 
 _DIM_FIELDS = [f.name for f in fields(ModelDims)]
 
