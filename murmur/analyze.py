@@ -309,7 +309,7 @@ def analyze_attention(audio_path, model="tiny.en", out_dir="attention_out", max_
                       **params) -> dict:
     """Locality of every layer and head; writes attention.txt, attention.json and attention.png to
     `out_dir` and returns the statistics (with 'table', 'png', 'json' paths)."""
-    from murmur.transcribe import get_model
+    from murmur.models.loading import get_model
     loaded = get_model(model)
     audio = load_audio(audio_path) if not isinstance(audio_path, np.ndarray) else audio_path
     res = collect(loaded, [audio], max_windows=max_windows, **params)

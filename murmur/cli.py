@@ -65,7 +65,8 @@ def cmd_transcribe(args) -> int:
     import os
 
     from murmur import writers
-    from murmur.transcribe import get_model, transcribe
+    from murmur.models.loading import get_model
+    from murmur.transcribe import transcribe
 
     if args.threads:
         os.environ["MURMUR_THREADS"] = str(args.threads)

@@ -75,7 +75,7 @@ _BATCH = 256  # windows per LSTM call
 def load_encoder() -> _Encoder:
     global _ENCODER
     if _ENCODER is None:
-        from murmur.models.loading import load_checkpoint, package_file
+        from murmur.models.common import load_checkpoint, package_file
 
         # not `import resemblyzer`: see the module docstring
         path = package_file("resemblyzer", "pretrained.pt", need="speaker diarization")

@@ -163,7 +163,7 @@ def calibrate_duo(model_name: str = "tiny.en", audio_paths=None, out_path: str |
     outside the budget; retrieval heads: the `retrieval_fraction` with most)."""
     from murmur.analyze import collect, decode_windows
     from murmur.audio.decode import load_audio
-    from murmur.transcribe import get_model
+    from murmur.models.loading import get_model
     t0 = time.perf_counter()
     paths = list(audio_paths) if audio_paths else default_calibration_audio()
     if method == "gates":

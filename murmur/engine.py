@@ -18,7 +18,7 @@ from torch import Tensor
 
 from murmur.decoding import BeamGroup, DecodingOptions, LogitRules, RowState, rank, sample
 from murmur.kv import KVCache
-from murmur.models.loading import LoadedModel
+from murmur.models.common import LoadedModel
 
 STOP_EVERY = 8  # steps between stop checks: a check decodes and compresses the row's text
 

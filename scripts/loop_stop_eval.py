@@ -16,8 +16,9 @@ from murmur.bench import dataset
 from murmur.decoding import DecodingOptions, compression_ratio
 from murmur.engine import STOP_EVERY
 from murmur.longform import ChunkStream
+from murmur.models.loading import get_model
 from murmur.scoring import wer
-from murmur.transcribe import get_model, set_threads, transcribe
+from murmur.transcribe import set_threads, transcribe
 
 
 def main() -> None:

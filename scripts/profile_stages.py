@@ -14,7 +14,8 @@ import argparse
 import torch
 
 from murmur.bench import dataset
-from murmur.transcribe import get_model, set_threads, transcribe
+from murmur.models.loading import get_model
+from murmur.transcribe import set_threads, transcribe
 
 
 def stages(stats: dict) -> list[tuple[str, float]]:

@@ -21,8 +21,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from murmur.audio.decode import load_audio  # noqa: E402
+from murmur.models.loading import get_model  # noqa: E402
 from murmur.timing import add_word_timestamps, word_start_errors  # noqa: E402
-from murmur.transcribe import get_model, transcribe  # noqa: E402
+from murmur.transcribe import transcribe  # noqa: E402
 
 CLIPS = ("dev00", "dev01", "trn01", "trn02", "trn03", "trn04", "trn05", "trn06", "trn07", "trn08", "trn09",
          "tst00", "tst01")

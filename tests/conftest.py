@@ -20,6 +20,7 @@ def jfk_path(data_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny():
     """The bundled default model, loaded once per test session (get_model caches it)."""
-    from murmur.transcribe import get_model, set_threads
+    from murmur.models.loading import get_model
+    from murmur.transcribe import set_threads
     set_threads()
     return get_model("tiny.en", "cpu")

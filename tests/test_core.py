@@ -16,7 +16,7 @@ import murmur
 from murmur.audio.decode import load_audio
 from murmur.decoding import DecodingOptions, LogitRules, RowState
 from murmur.errors import ModelError
-from murmur.models.loading import read_ct2
+from murmur.models.ctranslate2 import read_ct2
 from murmur.scoring import normalize
 
 JFK = ("And so, my fellow Americans, ask not what your country can do for you; "

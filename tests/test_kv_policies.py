@@ -235,7 +235,7 @@ def test_duo_gate_training_finds_local_self_attention(data_dir):
     from murmur.analyze import decode_windows
     from murmur.audio.decode import load_audio
     from murmur.duo import train_gates
-    from murmur.transcribe import get_model
+    from murmur.models.loading import get_model
 
     loaded = get_model("tiny.en", compute_type="float32")
     files = sorted((data_dir / "librispeech_other_noref").rglob("*.flac"))[:3]

@@ -11,7 +11,7 @@ import torch
 
 import murmur
 from murmur import ModelError
-from murmur.models.loading import _bundled_tiny_dir
+from murmur.models.ctranslate2 import _bundled_tiny_dir
 from murmur.models.whisper import ModelDims, Whisper
 
 
@@ -221,7 +221,7 @@ def test_openai_alignment_head_formats(tmp_path, small_sd, fmt):
 
 
 def test_vocab_json_order_is_used(tmp_path, monkeypatch):
-    from murmur.models.openai import _hf_vocab_tokenizer
+    from murmur.models.huggingface import _hf_vocab_tokenizer
     monkeypatch.setenv("MURMUR_CACHE", str(tmp_path / "cache"))
     lines = (_bundled_tiny_dir() / "vocabulary.txt").read_text(encoding="utf-8").split("\n")[:-1]
     vocab = {t: i for i, t in enumerate(lines[:50257])}

@@ -94,7 +94,7 @@ def test_one_speaker_never_runs_the_model(data_dir, monkeypatch):
 
 def test_missing_or_bad_weights_are_a_clear_error(tmp_path):
     from murmur.errors import ModelError
-    from murmur.models.loading import load_checkpoint, package_file
+    from murmur.models.common import load_checkpoint, package_file
 
     with pytest.raises(ModelError, match="overlap detection needs the 'no_such_wheel' package"):
         package_file("no_such_wheel", "w.pt", need="overlap detection")

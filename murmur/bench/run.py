@@ -88,7 +88,8 @@ def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None
                sparsity=None, progress=False, diarize=False, compute_type="auto") -> dict:
     """One configuration over the set: a row of pooled scores and stage times; the transcripts go
     under the row's "transcripts" key (cmd_bench writes them out and drops the key)."""
-    from murmur.transcribe import get_model, transcribe
+    from murmur.models.loading import get_model
+    from murmur.transcribe import transcribe
     loaded = get_model(model, compute_type=compute_type)
     extra = {}
     if kv_policy and kv_policy != "none":
