@@ -6,7 +6,7 @@ import os
 # stitched set 82 -> 21 s with one core taken, 7.9-8.0 -> 8.1-8.3 s when idle. A user's value wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-from murmur.decoding import DecodingOptions  # noqa: E402
+from murmur.engine.decoding import DecodingOptions  # noqa: E402
 from murmur.errors import AudioError, ModelError, MurmurError
 from murmur.models.loading import load_model
 from murmur.transcribe import transcribe

@@ -10,7 +10,7 @@ cross-attention over the speech frames. Per layer and head we report
 * decoder cross: mass within [anchor - back, anchor + ahead] frames, where the anchor is the frame of
                  the last timestamp emitted so far, and the median distance of the peak frame to it
 
-The "non-local" mass (1 - sink - local) is the score DuoAttention calibration uses (murmur.duo).
+The "non-local" mass (1 - sink - local) is the score DuoAttention calibration uses (murmur.eval.duo_calibration).
 Heat maps of the local mass go to a PNG (matplotlib, Agg backend).
 """
 from __future__ import annotations
@@ -24,10 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from murmur.audio.decode import N_SAMPLES, load_audio
+from murmur.engine.duo import CROSS_AHEAD, CROSS_BACK, CROSS_SINK, SELF_SINK, SELF_WINDOW
 
-# locality windows, shared with DuoAttention's calibration and policy defaults
-SELF_SINK, SELF_WINDOW = 4, 32
-CROSS_SINK, CROSS_BACK, CROSS_AHEAD = 0, 50, 300
 ENC_RADIUS = 50
 
 
@@ -43,10 +41,10 @@ def decode_windows(loaded, audio, max_windows: int | None = None, batch_size: in
     """The windows of a sequential (full-mode) greedy transcription of `audio` (one array, or a list
     of them decoded side by side), with the prompts the long-form rules gave them (previous text
     included), as the engine decoded them. `max_windows` first cuts each audio to that many 30 s."""
-    from murmur.decoding import DecodingOptions
-    from murmur.engine import Engine
-    from murmur.longform import ChunkStream
-    from murmur.scheduler import StreamScheduler
+    from murmur.engine.decoding import DecodingOptions
+    from murmur.engine.longform import ChunkStream
+    from murmur.engine.runner import Engine
+    from murmur.engine.scheduler import StreamScheduler
     audios = [audio] if isinstance(audio, np.ndarray) else list(audio)
     if max_windows:
         audios = [a[: max_windows * N_SAMPLES] for a in audios]

@@ -110,7 +110,7 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_calibrate_duo(args) -> int:
-    from murmur.duo import calibrate_duo
+    from murmur.eval.duo_calibration import calibrate_duo
     res = calibrate_duo(args.model, args.audio or None, args.out, method=args.method, steps=args.steps)
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}, indent=2, default=str))
     return 0

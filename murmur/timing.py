@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from murmur.audio.decode import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
-from murmur.kv import KVCache
+from murmur.engine.kv.cache import KVCache
 from murmur.types import Segment, Word
 
 TOKENS_PER_SECOND = SAMPLE_RATE / HOP_LENGTH / 2  # encoder frames per second (50)

@@ -11,14 +11,14 @@ import numpy as np
 import torch
 
 from murmur.audio.decode import N_FRAMES, N_SAMPLES, SAMPLE_RATE, load_audio, log_mel_spectrogram
-from murmur.decoding import DecodingOptions
-from murmur.engine import Engine
+from murmur.engine.decoding import DecodingOptions
+from murmur.engine.kv.cache import KVCache
+from murmur.engine.longform import ChunkStream, TimeMap
+from murmur.engine.runner import Engine
+from murmur.engine.scheduler import StreamScheduler
 from murmur.errors import MurmurError
-from murmur.kv import KVCache
-from murmur.longform import ChunkStream, TimeMap
 from murmur.models.common import LoadedModel
 from murmur.models.loading import get_model
-from murmur.scheduler import StreamScheduler
 from murmur.types import Transcript
 
 
@@ -163,11 +163,11 @@ def transcribe(
     if not tok.multilingual and lang != "en":
         raise MurmurError(f"model {loaded.name} is English-only; language {lang!r} is not supported")
     if isinstance(kv_policy, str):
-        from murmur.kv.policies import parse_kv_policy
+        from murmur.engine.kv.policies import parse_kv_policy
         kv_policy = parse_kv_policy(kv_policy, kv_opts, loaded)
     hooks = list(encoder_hooks)
     if encoder_sparsity:
-        from murmur.sparsify import parse_encoder_sparsity
+        from murmur.engine.sparsify import parse_encoder_sparsity
         hooks += parse_encoder_sparsity(encoder_sparsity, loaded)
     word_timestamps = word_timestamps or diarize
     plans, vad_s = plan_chunks(audio, chunk_size, vad_options)

@@ -22,11 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from murmur.audio.decode import SAMPLE_RATE, load_audio  # noqa: E402
-from murmur.decoding import DecodingOptions  # noqa: E402
-from murmur.engine import Engine  # noqa: E402
-from murmur.longform import ChunkStream  # noqa: E402
+from murmur.engine.decoding import DecodingOptions  # noqa: E402
+from murmur.engine.longform import ChunkStream  # noqa: E402
+from murmur.engine.runner import Engine  # noqa: E402
+from murmur.engine.scheduler import StreamScheduler  # noqa: E402
 from murmur.models.loading import get_model  # noqa: E402
-from murmur.scheduler import StreamScheduler  # noqa: E402
 from murmur.scoring import wer  # noqa: E402
 from murmur.stitcher import stitch  # noqa: E402
 

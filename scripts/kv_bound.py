@@ -18,7 +18,7 @@ import torch
 
 from _inside_chunk import looped  # noqa: E402
 
-from murmur.kv.policies import OutputWindow, parse_kv_policy  # noqa: E402
+from murmur.engine.kv.policies import OutputWindow, parse_kv_policy  # noqa: E402
 from murmur.models.loading import get_model  # noqa: E402
 from murmur.transcribe import transcribe  # noqa: E402
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from _inside_chunk import REPO, eval_set, kv_columns, run_set, table  # noqa: E402
 
-from murmur.kv.policies import parse_kv_policy  # noqa: E402
+from murmur.engine.kv.policies import parse_kv_policy  # noqa: E402
 from murmur.models.loading import get_model  # noqa: E402
 
 OUT = REPO / "bench_out" / "kv_policy_eval.json"

@@ -13,9 +13,9 @@ import argparse
 import time
 
 from murmur.bench import dataset
-from murmur.decoding import DecodingOptions, compression_ratio
-from murmur.engine import STOP_EVERY
-from murmur.longform import ChunkStream
+from murmur.engine.decoding import DecodingOptions, compression_ratio
+from murmur.engine.longform import ChunkStream
+from murmur.engine.runner import STOP_EVERY
 from murmur.models.loading import get_model
 from murmur.scoring import wer
 from murmur.transcribe import set_threads, transcribe
@@ -47,7 +47,7 @@ def main() -> None:
         return orig_result(self, req)
 
     # tag each request with the step at which one of its rows first crossed, when it finishes
-    import murmur.engine as eng
+    import murmur.engine.runner as eng
     orig_finish = eng.Engine._finish
 
     def finish(self, act):

@@ -26,8 +26,8 @@ import torch
 from _inside_chunk import REPO, eval_set, run_set, table  # noqa: E402
 
 from murmur.audio.decode import N_SAMPLES, log_mel_spectrogram  # noqa: E402
+from murmur.engine.sparsify import parse_encoder_sparsity  # noqa: E402
 from murmur.models.loading import get_model  # noqa: E402
-from murmur.sparsify import parse_encoder_sparsity  # noqa: E402
 
 OUT = REPO / "bench_out" / "sparsity_sweep.json"
 

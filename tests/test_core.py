@@ -14,7 +14,7 @@ import torch
 
 import murmur
 from murmur.audio.decode import load_audio
-from murmur.decoding import DecodingOptions, LogitRules, RowState
+from murmur.engine.decoding import DecodingOptions, LogitRules, RowState
 from murmur.errors import ModelError
 from murmur.models.ctranslate2 import read_ct2
 from murmur.scoring import normalize
@@ -106,7 +106,7 @@ def test_cli_compute_types_are_the_loaders():
 
 
 def test_sampling_follows_the_distribution():
-    from murmur.decoding import sample
+    from murmur.engine.decoding import sample
     probs = torch.tensor([[0.0, 0.1, 0.0, 0.2, 0.3, 0.4, 0.0]]).expand(40000, -1)
     got = sample(probs, torch.Generator().manual_seed(0))
     freq = torch.bincount(got, minlength=7).double() / len(got)

@@ -1,4 +1,4 @@
-"""KV policies (murmur.kv.policies): kept positions exactly as specified, on a synthetic cache and on
+"""KV policies (murmur.engine.kv.policies): kept positions exactly as specified, on a synthetic cache and on
 the real tiny.en decoder with real speech."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from murmur.engine.kv.cache import KVCache
 from murmur.errors import MurmurError
-from murmur.kv import KVCache
-from murmur.kv.policies import (Duo, OutputWindow, Policies, SpeechFollow, SpeechWindow,
+from murmur.engine.kv.policies import (Duo, OutputWindow, Policies, SpeechFollow, SpeechWindow,
                                 parse_kv_policy)
 
 L, H, D, CTX, FR = 2, 2, 4, 448, 96
@@ -219,7 +219,7 @@ def test_parse_kv_policy():
     duo = parse_kv_policy("duo", {"duo_retrieval": "0.25"}, model="tiny.en").policies[0]
     assert int(duo.self_ret.sum()) == 6 and int(duo.cross_ret.sum()) == 6  # 25 % of 4 x 6 heads
     # by default the map chooses: the shipped tiny.en map holds trained gates, retrieval >= 0.5
-    from murmur.duo import load_duo_map
+    from murmur.engine.duo import load_duo_map
     hm = load_duo_map("tiny.en")
     duo = parse_kv_policy("duo", {}, model="tiny.en").policies[0]
     assert duo.self_ret.tolist() == (np.asarray(hm["self_scores"]) >= 0.5).tolist()
@@ -234,7 +234,7 @@ def test_duo_gate_training_finds_local_self_attention(data_dir):
     32 tokens), gives up its full cache far sooner than cross-attention over the speech does."""
     from murmur.analyze import decode_windows
     from murmur.audio.decode import load_audio
-    from murmur.duo import train_gates
+    from murmur.eval.duo_calibration import train_gates
     from murmur.models.loading import get_model
 
     loaded = get_model("tiny.en", compute_type="float32")

@@ -9,10 +9,10 @@ import pytest
 import murmur
 from murmur.audio.decode import SAMPLE_RATE
 from murmur.bench import dataset
-from murmur.decoding import DecodingOptions
-from murmur.engine import Engine
-from murmur.longform import ChunkStream
-from murmur.scheduler import StreamScheduler
+from murmur.engine.decoding import DecodingOptions
+from murmur.engine.longform import ChunkStream
+from murmur.engine.runner import Engine
+from murmur.engine.scheduler import StreamScheduler
 from murmur.transcribe import plan_chunks
 
 

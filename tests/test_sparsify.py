@@ -1,12 +1,12 @@
-"""Early attentive encoder sparsification (murmur.sparsify) on the real tiny.en encoder and speech."""
+"""Early attentive encoder sparsification (murmur.engine.sparsify) on the real tiny.en encoder and speech."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from murmur.engine.sparsify import AttentiveFrameDrop, parse_encoder_sparsity
 from murmur.errors import MurmurError
-from murmur.sparsify import AttentiveFrameDrop, parse_encoder_sparsity
 
 
 @pytest.fixture(scope="module")

@@ -93,10 +93,10 @@ def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None
     loaded = get_model(model, compute_type=compute_type)
     extra = {}
     if kv_policy and kv_policy != "none":
-        from murmur.kv.policies import parse_kv_policy
+        from murmur.engine.kv.policies import parse_kv_policy
         extra["kv_policy"] = parse_kv_policy(kv_policy, kv_opts or {}, loaded)
     if sparsity and sparsity != "off":
-        from murmur.sparsify import parse_encoder_sparsity
+        from murmur.engine.sparsify import parse_encoder_sparsity
         extra["encoder_hooks"] = parse_encoder_sparsity(sparsity, loaded)
     per, stats, spk, hyps = [], [], [], []
     mon = peers._PeakRSS()
@@ -104,7 +104,7 @@ def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None
         t0 = time.perf_counter()
         for it in items:
             if kv_policy and kv_policy != "none":  # policies hold per-run state
-                from murmur.kv.policies import parse_kv_policy
+                from murmur.engine.kv.policies import parse_kv_policy
                 extra["kv_policy"] = parse_kv_policy(kv_policy, kv_opts or {}, loaded)
             r = transcribe(it.audio, loaded, chunk_size=chunk_size, batch_size=batch_size,
                            beam_size=beam_size, progress=progress, diarize=diarize and bool(it.ref_segments),

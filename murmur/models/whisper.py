@@ -1,6 +1,6 @@
 """Whisper in PyTorch: an audio encoder and a text decoder, readable in one sitting.
 
-The decoder reads and writes a `KVCache` (murmur.kv) that holds one slot per batch row, so rows of
+The decoder reads and writes a `KVCache` (murmur.engine.kv) that holds one slot per batch row, so rows of
 different lengths decode together and KV policies act on the cache, not on this file. The encoder
 calls optional `EncoderHook`s between blocks, which is where frame sparsifiers plug in.
 """
@@ -80,7 +80,7 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class EncoderHook:
-    """Runs between encoder blocks; may drop frames. Subclasses live in murmur.sparsify."""
+    """Runs between encoder blocks; may drop frames. Subclasses live in murmur.engine.sparsify."""
 
     def wants_weights(self, layer: int) -> bool:
         return False
@@ -144,7 +144,7 @@ class TextDecoder(nn.Module):
         """Decode `tokens` [R, T] for cache rows [start, start+R), appending their K/V; -> logits [R, T, V],
         or [R, len(logits_at), V] for only those positions (a prompt's prefill needs two of them).
 
-        The cache decides positions, write slots and masks (see murmur.kv.KVCache.prepare).
+        The cache decides positions, write slots and masks (see murmur.engine.kv.cache.KVCache.prepare).
         `attn_probe(layer, weights)` receives cross-attention weights when word timing needs them.
         """
         step = cache.prepare(start, start + tokens.shape[0], tokens.shape[1], active)

@@ -1,5 +1,5 @@
-"""DuoAttention head maps for the decoder: which self- and cross-attention heads are retrieval heads
-(full cache) and which are streaming heads (sinks + a local window).
+"""DuoAttention calibration: score every decoder head and write the head map the `duo` KV policy
+reads (murmur.engine.duo).
 
 Calibration (`murmur calibrate-duo`, `calibrate_duo`) needs no labels: it transcribes unlabelled
 audio greedily and replays each window teacher-forced (murmur.analyze). Two ways to score a head:
@@ -9,14 +9,6 @@ audio greedily and replays each window teacher-forced (murmur.analyze). Two ways
   model frozen, float32) to keep the last hidden states of the full-attention pass, with an L1
   pull towards 0; a head whose gate stays high needs its full cache.
 * `mass`: the attention mass that falls outside the streaming budget (one pass, no training).
-
-The streaming budget: self: the first `self_sink` tokens and the last `self_window`; cross:
-[last timestamp - `cross_back`, last timestamp + `cross_ahead`] frames.
-
-The map stores the scores and its choice of retrieval heads: gates >= 0.5, or the top half by
-mass (the policy's `duo_retrieval` fraction or `duo_threshold` override it). Maps ship in
-murmur/data/duo_<model>.json; a recalibrated map goes to $MURMUR_CACHE (default
-~/.cache/murmur)/duo_<model>.json and takes precedence.
 """
 from __future__ import annotations
 
@@ -27,54 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
+from murmur.engine.duo import (CROSS_AHEAD, CROSS_BACK, CROSS_SINK, SELF_SINK, SELF_WINDOW, retrieval_heads,
+                               user_map_path)
 from murmur.errors import ModelError
 
-DATA = Path(__file__).resolve().parent / "data"
 GATE_THRESHOLD = 0.5  # a trained gate at least this high: a retrieval head
-
-
-def _key(model_name: str) -> str:
-    return Path(str(model_name)).name.replace(os.sep, "_") or "model"
-
-
-def user_map_path(model_name: str) -> Path:
-    base = Path(os.environ.get("MURMUR_CACHE", Path.home() / ".cache" / "murmur"))
-    return base / f"duo_{_key(model_name)}.json"
-
-
-def shipped_map_path(model_name: str) -> Path:
-    return DATA / f"duo_{_key(model_name)}.json"
-
-
-def load_duo_map(model_name: str = "tiny.en", path: str | os.PathLike | None = None) -> dict:
-    """The head map: `path`, else the user's recalibrated map, else the one shipped with Murmur."""
-    cands = [Path(path)] if path else [user_map_path(model_name), shipped_map_path(model_name)]
-    for p in cands:
-        if p.is_file():
-            try:
-                hm = json.loads(p.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as e:
-                raise ModelError(f"DuoAttention head map {p} is unreadable: {e}") from None
-            hm["path"] = str(p)
-            return hm
-    raise ModelError(f"no DuoAttention head map for model {model_name!r} (looked in "
-                     f"{', '.join(map(str, cands))}); run `murmur duo-calibrate` to make one")
-
-
-def retrieval_heads(scores, fraction: float) -> np.ndarray:
-    """[L, H] bool: the `fraction` of heads with the highest scores (ties broken by order)."""
-    s = np.asarray(scores, dtype=np.float64)
-    k = int(round(fraction * s.size))
-    out = np.zeros(s.size, dtype=bool)
-    if k > 0:
-        out[np.argsort(-s.ravel(), kind="stable")[:k]] = True
-    return out.reshape(s.shape)
 
 
 def default_calibration_audio(limit: int = 48) -> list[Path]:
     """LibriSpeech test-other utterances (sorted, first `limit`) and the interview, from shared data."""
     roots = [Path(os.environ["MURMUR_DATA"])] if os.environ.get("MURMUR_DATA") else []
-    roots += [Path(__file__).resolve().parents[2] / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    roots += [Path(__file__).resolve().parents[3] / "shared" / "data", Path.cwd().parent / "shared" / "data"]
     d = next((r / "librispeech_other_noref" for r in roots if (r / "librispeech_other_noref").is_dir()), None)
     if d is None:
         raise FileNotFoundError("no calibration audio given and ../shared/data/librispeech_other_noref not found")
@@ -142,8 +97,7 @@ def train_gates(loaded, windows, steps: int = 200, lr: float = 0.05, l1: float =
 
 
 def _budget(params: dict) -> dict:
-    """The streaming budget: analyze's locality windows, overridden by `params`."""
-    from murmur.analyze import CROSS_AHEAD, CROSS_BACK, CROSS_SINK, SELF_SINK, SELF_WINDOW
+    """The streaming budget: the engine's locality windows, overridden by `params`."""
     return dict(self_sink=SELF_SINK, self_window=SELF_WINDOW, cross_sink=CROSS_SINK,
                 cross_back=CROSS_BACK, cross_ahead=CROSS_AHEAD) | params
 

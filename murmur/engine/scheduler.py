@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
-from murmur.engine import Request
-from murmur.longform import ChunkStream
+from murmur.engine.longform import ChunkStream
+from murmur.engine.runner import Request
 
 
 class StreamScheduler:

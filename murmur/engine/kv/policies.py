@@ -467,7 +467,7 @@ def make_duo(model=None, duo_retrieval: float = -1.0, duo_threshold: float = -1.
     Retrieval heads: the `duo_retrieval` fraction of each kind's highest-scoring heads if given
     (>= 0), else the heads scoring at least `duo_threshold` if given, else the map's own choice
     (trained gates: gate >= 0.5; attention mass: the top half)."""
-    from murmur.duo import load_duo_map, retrieval_heads
+    from murmur.engine.duo import load_duo_map, retrieval_heads
     name = getattr(model, "name", model) or "tiny.en"
     hm = load_duo_map(name, path=duo_map or None)
     if duo_retrieval > 1.0:

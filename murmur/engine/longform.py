@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from murmur.audio.decode import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
-from murmur.decoding import DecodingOptions, compression_ratio
-from murmur.engine import Request
+from murmur.engine.decoding import DecodingOptions, compression_ratio
+from murmur.engine.runner import Request
 from murmur.models.tokenizer import Tokenizer
 from murmur.types import Segment
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from murmur.decoding import BeamGroup, DecodingOptions, LogitRules, RowState, rank, sample
-from murmur.kv import KVCache
+from murmur.engine.decoding import BeamGroup, DecodingOptions, LogitRules, RowState, rank, sample
+from murmur.engine.kv.cache import KVCache
 from murmur.models.common import LoadedModel
 
 STOP_EVERY = 8  # steps between stop checks: a check decodes and compresses the row's text

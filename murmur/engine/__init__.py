@@ -1,0 +1,1 @@
+"""The decode loop: engine, long-form streams, scheduler, decoding rules, KV cache and policies, encoder hooks."""

@@ -1,0 +1,1 @@
+"""Measuring Murmur: scoring, the benchmark, attention analysis, DuoAttention calibration."""
