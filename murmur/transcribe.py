@@ -132,7 +132,7 @@ def transcribe(
     `kv_policy` is a policy object or a spec such as 'output-window+speech-follow' (with `kv_opts`);
     `encoder_sparsity` is 'LAYER:FRACTION' or 'off'. `diarize` labels words and segments with one
     speaker map for the whole recording (and turns on word timestamps; `diarize_options`, a
-    murmur.diarize.DiarizeOptions, tunes it, e.g. overlap=False). `queue_limit` bounds how many
+    murmur.speakers.diarize.DiarizeOptions, tunes it, e.g. overlap=False). `queue_limit` bounds how many
     chunks hold their features at once (default: twice the batch size). `seed` seeds the sampling
     of temperature fallbacks, so a run is reproducible.
     Extra keyword arguments are DecodingOptions fields (temperature, initial_prompt, ...).
@@ -191,8 +191,8 @@ def transcribe(
     stitch_s = time.perf_counter() - t_stitch
     turns, diarize_s = [], 0.0
     if diarize:
-        from murmur.diarize import assign_speakers
-        from murmur.diarize import diarize as run_diarization
+        from murmur.speakers.diarize import assign_speakers
+        from murmur.speakers.diarize import diarize as run_diarization
         t_d = time.perf_counter()
         turns = run_diarization(audio, num_speakers=num_speakers, min_speakers=min_speakers,
                                 max_speakers=max_speakers, options=diarize_options,

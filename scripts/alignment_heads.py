@@ -11,7 +11,7 @@ pooled median |start error|; the top-k sets (averaging their matrices, as the bu
 scored for k = 1..k-max, and k is picked on that curve. Because picking and scoring on the same 13
 clips flatters the pick, a 2-fold check (rank and pick k on one half of the clips, score on the
 other) compares picked vs bundled on held-out clips. Last, bundled vs picked through the full
-post-pass (murmur.timing.add_word_timestamps, with segment-edge heuristics).
+post-pass (murmur.speakers.timing.add_word_timestamps, with segment-edge heuristics).
 """
 from __future__ import annotations
 
@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from word_timing_eval import CLIPS, DEFAULT_DATA, ami_reference, summarize  # noqa: E402
 
 from murmur.audio.decode import HOP_LENGTH, N_FRAMES, N_SAMPLES, load_audio, log_mel_spectrogram  # noqa: E402
-from murmur.timing import (_clamp_sentence_ends, add_word_timestamps, alignment_matrices,  # noqa: E402
-                           cross_attention, dtw, merge_punctuations, split_words, timings_from_path,
-                           word_start_errors)
-from murmur import timing  # noqa: E402
+from murmur.speakers.timing import (_clamp_sentence_ends, add_word_timestamps, alignment_matrices,  # noqa: E402
+                                    cross_attention, dtw, merge_punctuations, split_words, timings_from_path,
+                                    word_start_errors)
 from murmur.models.loading import get_model  # noqa: E402
+from murmur.speakers import timing  # noqa: E402
 from murmur.transcribe import transcribe  # noqa: E402
 from murmur.types import Word  # noqa: E402
 

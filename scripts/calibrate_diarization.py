@@ -1,4 +1,4 @@
-"""Calibrate murmur.diarize's clustering on the 13 AMI clips (30 s each, 1-4 speakers).
+"""Calibrate murmur.speakers.diarize's clustering on the 13 AMI clips (30 s each, 1-4 speakers).
 
 Embeds every clip once (speech regions and windows as DiarizeOptions() sets them), then sweeps
 linkage x distance threshold x min_cluster and prints, per setting, the exact speaker-count
@@ -29,11 +29,11 @@ import itertools
 from pathlib import Path
 
 import numpy as np
-from murmur import diarize as D
 from murmur.audio.decode import load_audio
 from murmur.audio.vad import meeting_options, speech_regions
 from murmur.scoring import der, read_turns
-from murmur.segmentation import speaker_counts
+from murmur.speakers import diarize as D
+from murmur.speakers.segmentation import speaker_counts
 
 CLIPS = ["dev00", "dev01", *(f"trn0{i}" for i in range(1, 10)), "tst00", "tst01"]
 PARTS = ("missed detection", "false alarm", "confusion")

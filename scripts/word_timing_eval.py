@@ -3,7 +3,7 @@
     python scripts/word_timing_eval.py [--model tiny.en] [--heads bundled|L:H,L:H,...] [--mode post|stream|both]
 
 Each clip is transcribed with murmur.transcribe(path, model, chunk_size=None); words then come from
-`--mode post`: murmur.timing.add_word_timestamps over the finished segments and the clip's audio
+`--mode post`: murmur.speakers.timing.add_word_timestamps over the finished segments and the clip's audio
 (a post-pass), or `--mode stream`: transcribe(..., word_timestamps=True), the per-window hook
 inside ChunkStream. Hypothesis words are matched to the reference words (ami30.words.seglst.json,
 all speakers, sorted by start) by normalised text with difflib; the figures are over matched words: median and 90th percentile of |hyp start - ref start|, pooled.
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from murmur.audio.decode import load_audio  # noqa: E402
 from murmur.models.loading import get_model  # noqa: E402
-from murmur.timing import add_word_timestamps, word_start_errors  # noqa: E402
+from murmur.speakers.timing import add_word_timestamps, word_start_errors  # noqa: E402
 from murmur.transcribe import transcribe  # noqa: E402
 
 CLIPS = ("dev00", "dev01", "trn01", "trn02", "trn03", "trn04", "trn05", "trn06", "trn07", "trn08", "trn09",

@@ -4,9 +4,9 @@ import socket
 import numpy as np
 import pytest
 
-from murmur import diarize as D
 from murmur.cpu import native_bf16
-from murmur.diarize import assign_speakers, diarize
+from murmur.speakers import diarize as D
+from murmur.speakers.diarize import assign_speakers, diarize
 from murmur.types import Segment, Turn, Word
 
 SR = 16000

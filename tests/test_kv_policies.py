@@ -9,7 +9,7 @@ import torch
 from murmur.engine.kv.cache import KVCache
 from murmur.errors import MurmurError
 from murmur.engine.kv.policies import (Duo, OutputWindow, Policies, SpeechFollow, SpeechWindow,
-                                parse_kv_policy)
+                                       parse_kv_policy)
 
 L, H, D, CTX, FR = 2, 2, 4, 448, 96
 

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from murmur import diarize as D
-from murmur import segmentation as S
 from murmur.audio.decode import load_audio
 from murmur.audio.vad import meeting_options, speech_regions
 from murmur.scoring import der, read_turns
+from murmur.speakers import diarize as D
+from murmur.speakers import segmentation as S
 
 
 def _clip(data_dir, name):

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from murmur.timing import (_SORT7, WordTiming, add_word_timestamps, dtw, median_filter,
-                           merge_punctuations, split_words, word_start_errors, words_for_segments)
+from murmur.speakers.timing import (_SORT7, WordTiming, add_word_timestamps, dtw, median_filter,
+                                    merge_punctuations, split_words, word_start_errors, words_for_segments)
 from murmur.types import Segment, Word
 
 

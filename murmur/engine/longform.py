@@ -57,7 +57,7 @@ class ChunkStream:
     fallbacks: int = 0
     skipped_no_speech: int = 0
     dropped_repetitive: int = 0
-    # opt-in word timestamps (murmur.timing), aligned per window from its encoder output
+    # opt-in word timestamps (murmur.speakers.timing), aligned per window from its encoder output
     word_timestamps: bool = False
     model: object = None  # the LoadedModel that decodes; word timing runs it once more per window
 
@@ -218,7 +218,7 @@ class ChunkStream:
         self._move(advance if advance > 0 else size)  # always move forward: no loops
 
     def _add_words(self, req: Request, new: list[Segment], offset: float, size: int) -> None:
-        from murmur.timing import add_word_timestamps
+        from murmur.speakers.timing import add_word_timestamps
         model = self.model.model
         feats = req.features
         if feats is None or feats.shape[1] != model.dims.n_audio_ctx:

@@ -4,7 +4,7 @@ Speech regions (Silero VAD) -> 1.5 s sliding windows -> GE2E speaker embeddings 
 bundled `pretrained.pt`, run here directly) -> agglomerative clustering over ALL windows at once
 (cosine, average linkage, calibrated threshold; scripts/calibrate_diarization.py) -> frame-level
 resegmentation against the cluster centroids -> overlap: where the segmentation model
-(murmur.segmentation) counts two voices, the runner-up centroid too -> Turns.
+(murmur.speakers.segmentation) counts two voices, the runner-up centroid too -> Turns.
 
 We do not `import resemblyzer`: its __init__ pulls in webrtcvad (which needs the removed
 pkg_resources) and librosa (slow import). We only need its weights file and its mel recipe,
@@ -39,7 +39,7 @@ class DiarizeOptions:
     smooth: float = 0.5  # moving-average width over frame scores before labelling, seconds
     min_cluster: int = 2  # clusters with fewer windows are not speakers (unless num_speakers)
     # label a second speaker (the runner-up centroid) where the segmentation model counts two
-    # (murmur.segmentation); on the AMI clips pooled DER 30.7 -> 24.4 %. A runner-up gated by its
+    # (murmur.speakers.segmentation); on the AMI clips pooled DER 30.7 -> 24.4 %. A runner-up gated by its
     # score alone traded missed overlap for as much false alarm (pooled DER -1 point).
     overlap: bool = True
     overlap_step: float = 5.0  # seconds between its 10 s windows: 2.5 gave the same DER at 2x time
@@ -306,7 +306,7 @@ def diarize(audio: np.ndarray, sr: int = SR, *, num_speakers: int | None = None,
     emb = embed_windows(mel, spans, threads, opts.bf16)
 
     def counts(changes):
-        from murmur.segmentation import speaker_counts
+        from murmur.speakers.segmentation import speaker_counts
 
         return speaker_counts(audio, regions, opts.overlap_step, opts.bf16, changes, threads)
     return _label(regions, spans, emb, len(mel), opts, num_speakers, min_speakers, max_speakers,
@@ -376,7 +376,7 @@ def _label(regions, spans, emb, n_frames, opts, num=None, lo=1, hi=None, counts=
     # overlap: where the segmentation model counts two voices, the runner-up centroid is the
     # second. Only windows where the primary labels change speaker are run: a voice never on
     # top inside 10 s can only be a short interjection, and a monologue costs nothing.
-    from murmur.segmentation import FRAME_DUR, FRAME_STEP
+    from murmur.speakers.segmentation import FRAME_DUR, FRAME_STEP
 
     steps = np.concatenate([i + np.arange(len(top)) for _, _, i, top in tops])
     first = np.concatenate([top[:, 0] for *_, top in tops])

@@ -1,0 +1,1 @@
+"""Who said what when: word timestamps (alignment heads + DTW), diarization, overlapped-speech segmentation."""
