@@ -64,8 +64,8 @@ def _decode_kwargs(args) -> dict:
 def cmd_transcribe(args) -> int:
     import os
 
-    from murmur import writers
     from murmur.models.loading import get_model
+    from murmur.output import writers
     from murmur.transcribe import transcribe
 
     if args.threads:
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("transcribe", help="transcribe audio or video files")
     p.add_argument("files", nargs="+", help="audio/video files (wav, flac, mp3, m4a, ogg, mp4, ...)")
     _add_decode_args(p)
-    from murmur.writers import FORMATS
+    from murmur.output.writers import FORMATS
     p.add_argument("--format", "-f", default="txt", choices=FORMATS)
     p.add_argument("--output", "-o", default="-", help="file, folder, or - for stdout (default)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")

@@ -186,7 +186,7 @@ def transcribe(
         if bar:
             bar.close()
     t_stitch = time.perf_counter()
-    from murmur.stitcher import stitch
+    from murmur.output.stitcher import stitch
     segments = stitch([s.segments for s in streams])
     stitch_s = time.perf_counter() - t_stitch
     turns, diarize_s = [], 0.0

@@ -216,7 +216,7 @@ def test_cli_eval_json(capsys):
 
 @needs_ami
 def test_murmur_json_output_against_multi_session_reference(tmp_path):
-    from murmur import writers
+    from murmur.output import writers
     from murmur.types import Segment, Transcript
 
     ref = [e for e in scoring.read_any(AMI / "ami30.seglst.json") if e["session_id"] == "dev00"]

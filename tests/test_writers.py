@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from murmur import writers
 from murmur.errors import MurmurError
+from murmur.output import writers
 from murmur.types import Segment, Transcript, Turn, Word
 
 

@@ -60,8 +60,8 @@ def speaker_scores(item: dataset.Item, result) -> dict:
     """cpWER, tcpWER (5 s collar) and DER (0.25 s collar) where the item has speaker references.
     Words are scored against the SegLST; DER and the speaker count against the item's turns
     (ami30.rttm) where it has them, else against the SegLST's segments."""
+    from murmur.output.writers import seglst
     from murmur.scoring import cpwer, der, tcpwer
-    from murmur.writers import seglst
     ref = [dict(e, session_id=item.name) for e in item.ref_segments]
     hyp = [dict(e, session_id=item.name) for e in seglst(result)]
     ref_turns = item.ref_turns or [(e["start_time"], e["end_time"], e["speaker"]) for e in ref]

@@ -1,0 +1,1 @@
+"""Results out: one timeline in recording time (stitcher) and the output formats (writers)."""
