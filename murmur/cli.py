@@ -102,7 +102,7 @@ def cmd_transcribe(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from murmur.analyze import analyze_attention
+    from murmur.eval.analyze import analyze_attention
     res = analyze_attention(args.audio, model=args.model, out_dir=args.out, max_windows=args.max_windows)
     print(res["table"])
     print(f"wrote {res.get('png')}, {res.get('json')}", file=sys.stderr)
@@ -149,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200, help="gate training steps")
     p.set_defaults(func=cmd_calibrate_duo)
 
-    from murmur.bench.run import add_parser as add_bench
-    from murmur.cli_eval import add_parser as add_eval
+    from murmur.eval.bench.run import add_parser as add_bench
+    from murmur.eval.cli import add_parser as add_eval
     add_eval(sub)
     add_bench(sub)
     return parser

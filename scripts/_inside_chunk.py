@@ -26,9 +26,9 @@ from murmur.engine.decoding import DecodingOptions  # noqa: E402
 from murmur.engine.longform import ChunkStream  # noqa: E402
 from murmur.engine.runner import Engine  # noqa: E402
 from murmur.engine.scheduler import StreamScheduler  # noqa: E402
+from murmur.eval.scoring import wer  # noqa: E402
 from murmur.models.loading import get_model  # noqa: E402
 from murmur.output.stitcher import stitch  # noqa: E402
-from murmur.scoring import wer  # noqa: E402
 
 
 # AMI clips whose first 30 s are almost unannotated (1 and 2 reference words): any output there is

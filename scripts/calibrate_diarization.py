@@ -8,7 +8,7 @@ script also prints a leave-one-out estimate (setting chosen on 12 clips, scored 
 two floors: its VAD misses some quiet speech, which no clustering can recover, and labelling one
 speaker at a time misses all overlap (the overlap stage, DiarizeOptions.overlap, gets under it).
 
-DER: murmur.scoring.der, as `murmur bench` and `murmur eval` score it (pyannote.metrics, 0.25 s
+DER: murmur.eval.scoring.der, as `murmur bench` and `murmur eval` score it (pyannote.metrics, 0.25 s
 collar on each side of every reference boundary, overlap scored, scored span from the first to the
 last turn of either side), against ami30.rttm. A clip whose reference holds no speech outside the
 collars has no DER and is left out of the DER means (none with ami30.rttm; trn01 and trn02 with
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from murmur.audio.decode import load_audio
 from murmur.audio.vad import meeting_options, speech_regions
-from murmur.scoring import der, read_turns
+from murmur.eval.scoring import der, read_turns
 from murmur.speakers import diarize as D
 from murmur.speakers.segmentation import speaker_counts
 

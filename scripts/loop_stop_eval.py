@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from murmur.bench import dataset
 from murmur.engine.decoding import DecodingOptions, compression_ratio
 from murmur.engine.longform import ChunkStream
 from murmur.engine.runner import STOP_EVERY
+from murmur.eval.bench import dataset
+from murmur.eval.scoring import wer
 from murmur.models.loading import get_model
-from murmur.scoring import wer
 from murmur.transcribe import set_threads, transcribe
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from murmur.bench import dataset, peers  # noqa: E402
+from murmur.eval.bench import dataset, peers  # noqa: E402
 
 PART_NAMES = ("ljspeech", "ami", "ted", "sonnets")
 
@@ -147,7 +147,7 @@ def main(argv=None):
                   f"({err}/{n})  wall {wall:6.1f} s")
 
     if a.out:
-        from murmur.bench.plot import plot_accuracy_latency, write_csv, write_json
+        from murmur.eval.bench.plot import plot_accuracy_latency, write_csv, write_json
 
         out = Path(a.out)
         write_csv(rows, out / "peer_rows.csv")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from murmur.bench.plot import plot_accuracy_latency
+from murmur.eval.bench.plot import plot_accuracy_latency
 
 
 def main() -> None:

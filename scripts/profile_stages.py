@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from murmur.bench import dataset
+from murmur.eval.bench import dataset
 from murmur.models.loading import get_model
 from murmur.transcribe import set_threads, transcribe
 

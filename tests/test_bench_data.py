@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from murmur.bench import dataset
-from murmur.bench.plot import pareto_front, plot_accuracy_latency, write_csv, write_json
+from murmur.eval.bench import dataset
+from murmur.eval.bench.plot import pareto_front, plot_accuracy_latency, write_csv, write_json
 
 SR = dataset.SAMPLE_RATE
 

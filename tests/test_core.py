@@ -16,8 +16,8 @@ import murmur
 from murmur.audio.decode import load_audio
 from murmur.engine.decoding import DecodingOptions, LogitRules, RowState
 from murmur.errors import ModelError
+from murmur.eval.scoring import normalize
 from murmur.models.ctranslate2 import read_ct2
-from murmur.scoring import normalize
 
 JFK = ("And so, my fellow Americans, ask not what your country can do for you; "
        "ask what you can do for your country.")

@@ -158,7 +158,7 @@ def test_forced_count_skips_outlier_windows(data_dir):
     """AMI dev01 (two speakers, 9 s and 6 s): num_speakers=2 must find those two, not one
     speaker plus a lone outlier window (a plain 2-cluster cut of the tree did: DER 34 %)."""
     from murmur.audio.decode import load_audio
-    from murmur.scoring import der
+    from murmur.eval.scoring import der
 
     ami = data_dir / "ami"
     ref = [(float(f[3]), float(f[3]) + float(f[4]), f[7]) for f in

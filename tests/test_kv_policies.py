@@ -232,8 +232,8 @@ def test_duo_gate_training_finds_local_self_attention(data_dir):
     """DuoAttention's gate optimisation on real speech (3 LibriSpeech utterances, 30 steps):
     the distillation loss stays small, and decoder self-attention, which is local (mostly the last
     32 tokens), gives up its full cache far sooner than cross-attention over the speech does."""
-    from murmur.analyze import decode_windows
     from murmur.audio.decode import load_audio
+    from murmur.eval.analyze import decode_windows
     from murmur.eval.duo_calibration import train_gates
     from murmur.models.loading import get_model
 
@@ -277,7 +277,7 @@ def test_policy_none_bit_identical(tiny, clips):
 def test_speech_follow_real_speech_batch(tiny, clips):
     """Rows of different lengths decode together; no evicted frame is at or ahead of its row's last
     emitted timestamp, and the transcript barely moves."""
-    from murmur.scoring import wer
+    from murmur.eval.scoring import wer
     from murmur.transcribe import transcribe
     audio = np.concatenate([clips["ami"], np.zeros(16000, np.float32), clips["jfk"]])
     pol = parse_kv_policy("speech-follow", {"margin": "0", "speech_block": "16"})
@@ -309,7 +309,7 @@ def test_physical_kv_bounded_on_long_full_chunk(tiny, clips):
 
 def test_analyze_attention_on_jfk(tiny, jfk_path, tmp_path):
     """`murmur analyze attention`: per-head locality tables and the files, on real speech."""
-    from murmur.analyze import analyze_attention
+    from murmur.eval.analyze import analyze_attention
     res = analyze_attention(jfk_path, tiny, out_dir=tmp_path, max_windows=1)
     d = tiny.model.dims
     local = np.asarray(res["decoder_cross"]["local"])

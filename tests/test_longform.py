@@ -8,11 +8,11 @@ import pytest
 
 import murmur
 from murmur.audio.decode import SAMPLE_RATE
-from murmur.bench import dataset
 from murmur.engine.decoding import DecodingOptions
 from murmur.engine.longform import ChunkStream
 from murmur.engine.runner import Engine
 from murmur.engine.scheduler import StreamScheduler
+from murmur.eval.bench import dataset
 from murmur.transcribe import plan_chunks
 
 

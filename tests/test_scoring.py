@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from murmur import cli_eval, scoring
 from murmur.errors import ReferenceError_
+from murmur.eval import cli as cli_eval, scoring
 from murmur.types import Turn
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

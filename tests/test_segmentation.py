@@ -4,7 +4,7 @@ import pytest
 
 from murmur.audio.decode import load_audio
 from murmur.audio.vad import meeting_options, speech_regions
-from murmur.scoring import der, read_turns
+from murmur.eval.scoring import der, read_turns
 from murmur.speakers import diarize as D
 from murmur.speakers import segmentation as S
 

@@ -81,7 +81,7 @@ def test_parse_encoder_sparsity(tiny):
 
 def test_transcribe_with_sparse_encoder(tiny, jfk_path):
     """Cross-attention reads the kept frames only, the transcript survives, KV shrinks."""
-    from murmur.scoring import wer
+    from murmur.eval.scoring import wer
     from murmur.transcribe import transcribe
     ref = (jfk_path.parent / "jfk.txt").read_text()
     base = transcribe(jfk_path, tiny)

@@ -89,7 +89,7 @@ def test_stm_and_rttm():
 
 
 def test_written_files_read_back(tmp_path):
-    from murmur import scoring
+    from murmur.eval import scoring
 
     t = make()
     for fmt in ("seglst", "stm", "rttm"):

@@ -2,7 +2,7 @@
 reads (murmur.engine.duo).
 
 Calibration (`murmur calibrate-duo`, `calibrate_duo`) needs no labels: it transcribes unlabelled
-audio greedily and replays each window teacher-forced (murmur.analyze). Two ways to score a head:
+audio greedily and replays each window teacher-forced (murmur.eval.analyze). Two ways to score a head:
 
 * `gates` (default; DuoAttention's own method): every head mixes full and streaming attention,
   alpha * full + (1 - alpha) * streaming, and the gates alpha in [0, 1] are trained (Adam, the
@@ -44,7 +44,7 @@ def train_gates(loaded, windows, steps: int = 200, lr: float = 0.05, l1: float =
     model: returns the self and cross gates [L, H] and the distillation loss every 20 steps."""
     import torch
 
-    from murmur.analyze import anchors, decoder_replay
+    from murmur.eval.analyze import anchors, decoder_replay
     p = _budget(params)
     m = loaded.model
     if m.dtype != torch.float32 or any(type(x).__name__ == "Int8Linear" for x in m.modules()):
@@ -115,8 +115,8 @@ def calibrate_duo(model_name: str = "tiny.en", audio_paths=None, out_path: str |
     (default: the user's map, which load_duo_map prefers to the shipped one). Returns the map.
     method: "gates" (trained, float32 model; retrieval heads: gate >= 0.5) or "mass" (attention
     outside the budget; retrieval heads: the `retrieval_fraction` with most)."""
-    from murmur.analyze import collect, decode_windows
     from murmur.audio.decode import load_audio
+    from murmur.eval.analyze import collect, decode_windows
     from murmur.models.loading import get_model
     t0 = time.perf_counter()
     paths = list(audio_paths) if audio_paths else default_calibration_audio()

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from murmur.bench import dataset, peers
-from murmur.bench.plot import pareto_front, plot_accuracy_latency, write_csv, write_json
+from murmur.eval.bench import dataset, peers
+from murmur.eval.bench.plot import pareto_front, plot_accuracy_latency, write_csv, write_json
 
 SETS = ("stitched", "ami", "ljspeech", "ami-clips", "ljspeech-clips", "noref")
 
 
 def _wer(ref: str, hyp: str) -> dict:
-    from murmur.scoring import wer
+    from murmur.eval.scoring import wer
     return wer(ref, hyp)
 
 
@@ -40,7 +40,7 @@ def load_set(name: str, repeat: int = 1) -> list[dataset.Item]:
 
 def item_from_files(audio: str, ref: str | None) -> dataset.Item:
     from murmur.audio.decode import load_audio
-    from murmur.scoring import read_any
+    from murmur.eval.scoring import read_any
     a = load_audio(audio)
     text = ""
     if ref:
@@ -60,8 +60,8 @@ def speaker_scores(item: dataset.Item, result) -> dict:
     """cpWER, tcpWER (5 s collar) and DER (0.25 s collar) where the item has speaker references.
     Words are scored against the SegLST; DER and the speaker count against the item's turns
     (ami30.rttm) where it has them, else against the SegLST's segments."""
+    from murmur.eval.scoring import cpwer, der, tcpwer
     from murmur.output.writers import seglst
-    from murmur.scoring import cpwer, der, tcpwer
     ref = [dict(e, session_id=item.name) for e in item.ref_segments]
     hyp = [dict(e, session_id=item.name) for e in seglst(result)]
     ref_turns = item.ref_turns or [(e["start_time"], e["end_time"], e["speaker"]) for e in ref]

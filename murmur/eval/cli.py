@@ -23,7 +23,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from murmur import scoring  # meeteval and pyannote load only when scoring is asked for
+    from murmur.eval import scoring  # meeteval and pyannote load only when scoring is asked for
 
     results = scoring.evaluate(args.hyp, args.ref, collar=args.collar, der_collar=args.der_collar,
                                partial=args.partial)

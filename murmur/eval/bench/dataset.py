@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 SAMPLE_RATE = 16000
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]  # murmur/eval/bench/dataset.py -> the repo
 
 AMI_SESSIONS = ("dev00", "dev01", "trn01", "trn02", "trn03", "trn04", "trn05",
                 "trn06", "trn07", "trn08", "trn09", "tst00", "tst01")
@@ -114,7 +114,7 @@ def _ami_segments() -> dict[str, list[dict]]:
 
 @lru_cache(maxsize=1)
 def _ami_turns() -> dict[str, list[tuple[float, float, str]]]:
-    from murmur.scoring import read_turns
+    from murmur.eval.scoring import read_turns
 
     return read_turns(data_dir() / "ami" / "ami30.rttm")
 
