@@ -6,12 +6,14 @@ import os
 # stitched set 82 -> 21 s with one core taken, 7.9-8.0 -> 8.1-8.3 s when idle. A user's value wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
+# the public API, nothing else: every other name is imported by its full path (murmur.audio.vad, ...)
 from murmur.engine.decoding import DecodingOptions  # noqa: E402
-from murmur.errors import AudioError, ModelError, MurmurError
+from murmur.errors import AudioError, ModelError, MurmurError, OptionsError
 from murmur.models.loading import load_model
+from murmur.options import TranscribeOptions
 from murmur.transcribe import transcribe
 from murmur.types import Segment, Transcript, Turn, Word
 
-__all__ = ["transcribe", "load_model", "DecodingOptions", "Transcript", "Segment", "Word", "Turn",
-           "MurmurError", "AudioError", "ModelError"]
+__all__ = ["transcribe", "load_model", "TranscribeOptions", "DecodingOptions", "Transcript", "Segment", "Word",
+           "Turn", "MurmurError", "AudioError", "ModelError", "OptionsError"]
 __version__ = "0.1.0"

@@ -15,3 +15,8 @@ class ModelError(MurmurError):
 
 class ReferenceError_(MurmurError):
     """A reference or hypothesis file for scoring is malformed."""
+
+
+class OptionsError(MurmurError, ValueError):
+    """A transcription setting is of the wrong kind or out of range (a ValueError too, as a bad
+    chunk size always was)."""

@@ -5,7 +5,6 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -19,6 +18,7 @@ from murmur.engine.scheduler import StreamScheduler
 from murmur.errors import MurmurError
 from murmur.models.common import LoadedModel
 from murmur.models.loading import get_model
+from murmur.options import TranscribeOptions
 from murmur.types import Transcript
 
 
@@ -102,44 +102,21 @@ def _speech_regions(plans: list[ChunkPlan]) -> list[tuple[float, float]]:
 def transcribe(
     audio: str | os.PathLike | np.ndarray | bytes,
     model: str | LoadedModel = "tiny.en",
-    *,
-    chunk_size: float | str | None = 30,
-    batch_size: int = 16,
-    language: str | None = None,
-    beam_size: int = 1,
-    options: DecodingOptions | None = None,
-    progress: bool | Callable[[float, float], None] = False,
-    device: str | None = None,
-    compute_type: str = "auto",
-    vad_options=None,
-    kv_policy=None,
-    kv_opts: dict[str, str] | None = None,
-    encoder_sparsity: str | None = None,
-    encoder_hooks=(),
-    word_timestamps: bool = False,
-    diarize: bool = False,
-    num_speakers: int | None = None,
-    min_speakers: int = 1,
-    max_speakers: int | None = None,
-    diarize_options=None,
-    queue_limit: int | None = None,
-    seed: int = 0,
-    **decode_kw,
+    options: TranscribeOptions | DecodingOptions | None = None,
+    **kw,
 ) -> Transcript:
-    """Transcribe one recording. `chunk_size` None/'full' is sequential mode; seconds cut at silences
-    (default 30, the best measured; see the README's benchmark).
-
-    `kv_policy` is a policy object or a spec such as 'output-window+speech-follow' (with `kv_opts`);
-    `encoder_sparsity` is 'LAYER:FRACTION' or 'off'. `diarize` labels words and segments with one
-    speaker map for the whole recording (and turns on word timestamps; `diarize_options`, a
-    murmur.speakers.diarize.DiarizeOptions, tunes it, e.g. overlap=False). `queue_limit` bounds how many
-    chunks hold their features at once (default: twice the batch size). `seed` seeds the sampling
-    of temperature fallbacks, so a run is reproducible.
-    Extra keyword arguments are DecodingOptions fields (temperature, initial_prompt, ...).
-    """
-    set_threads()
+    """Transcribe one recording with `options` (murmur.options.TranscribeOptions, which documents
+    every setting), or with its fields as keyword arguments: `transcribe(audio, model,
+    chunk_size=30, diarize=True)`. Keywords also change the fields of a given `options`, and
+    DecodingOptions fields (logprob_threshold, ...) are accepted as keywords too. A DecodingOptions
+    as `options` is taken as the decoding rules, as before TranscribeOptions."""
+    if isinstance(options, DecodingOptions):
+        kw = {"decoding": options, **kw}
+        options = None
+    o = (options or TranscribeOptions()).with_(**kw) if kw or options is None else options
+    set_threads(o.threads)
     t_start = time.perf_counter()
-    loaded = get_model(model, device, compute_type)
+    loaded = get_model(model, o.device, o.compute_type)
     source = None
     if not isinstance(audio, np.ndarray):
         source = str(audio) if not isinstance(audio, (bytes, bytearray)) else None
@@ -148,13 +125,8 @@ def transcribe(
     if audio.ndim != 1:
         raise MurmurError(f"audio must be mono 1-D samples at 16 kHz, got shape {audio.shape}")
     duration = len(audio) / SAMPLE_RATE
-    if isinstance(chunk_size, str):
-        from murmur.audio.chunker import parse_chunk_size
-        chunk_size = parse_chunk_size(chunk_size)
-    opts = options or DecodingOptions()
-    if isinstance(decode_kw.get("temperature"), (int, float)):
-        decode_kw["temperature"] = (float(decode_kw["temperature"]),)
-    opts = opts.with_(beam_size=beam_size, language=language or opts.language, **decode_kw)
+    chunk_size = o.chunk_size
+    opts = o.decoding_options()
     tok = loaded.tokenizer
     if tok.multilingual and opts.language is None and len(audio):
         opts = opts.with_(language=detect_language(loaded, audio)[0])
@@ -162,23 +134,25 @@ def transcribe(
     tok.language = lang
     if not tok.multilingual and lang != "en":
         raise MurmurError(f"model {loaded.name} is English-only; language {lang!r} is not supported")
+    kv_policy = o.kv_policy
     if isinstance(kv_policy, str):
         from murmur.engine.kv.policies import parse_kv_policy
-        kv_policy = parse_kv_policy(kv_policy, kv_opts, loaded)
-    hooks = list(encoder_hooks)
-    if encoder_sparsity:
+        kv_policy = parse_kv_policy(kv_policy, o.kv_opts, loaded)
+    hooks = list(o.encoder_hooks)
+    if o.encoder_sparsity:
         from murmur.engine.sparsify import parse_encoder_sparsity
-        hooks += parse_encoder_sparsity(encoder_sparsity, loaded)
-    word_timestamps = word_timestamps or diarize
-    plans, vad_s = plan_chunks(audio, chunk_size, vad_options)
+        hooks += parse_encoder_sparsity(o.encoder_sparsity, loaded)
+    diarize = o.diarize
+    word_timestamps = o.word_timestamps or diarize
+    plans, vad_s = plan_chunks(audio, chunk_size, o.vad_options)
     streams = [ChunkStream(p.pieces, tok, opts, p.time_map, index=i, n_text_ctx=loaded.model.dims.n_text_ctx,
                            language=lang, word_timestamps=word_timestamps, model=loaded)
                for i, p in enumerate(plans)]
-    engine = Engine(loaded, opts, batch_size=batch_size, kv_policy=kv_policy, encoder_hooks=hooks,
-                    seed=seed)
+    engine = Engine(loaded, opts, batch_size=o.batch_size, kv_policy=kv_policy, encoder_hooks=hooks,
+                    seed=o.seed)
     speech_total = sum(p.n_samples for p in plans) / SAMPLE_RATE
-    bar = _progress(progress, duration, speech_total, source)
-    scheduler = StreamScheduler(streams, max_open=queue_limit or 2 * engine.batch_size,
+    bar = _progress(o.progress, duration, speech_total, source)
+    scheduler = StreamScheduler(streams, max_open=o.queue_limit or 2 * engine.batch_size,
                                 on_progress=bar.advance if bar else None)
     try:
         engine.run(scheduler)
@@ -194,8 +168,8 @@ def transcribe(
         from murmur.speakers.diarize import assign_speakers
         from murmur.speakers.diarize import diarize as run_diarization
         t_d = time.perf_counter()
-        turns = run_diarization(audio, num_speakers=num_speakers, min_speakers=min_speakers,
-                                max_speakers=max_speakers, options=diarize_options,
+        turns = run_diarization(audio, num_speakers=o.num_speakers, min_speakers=o.min_speakers,
+                                max_speakers=o.max_speakers, options=o.diarize_options,
                                 regions=None if chunk_size is None else _speech_regions(plans))
         segments = assign_speakers(segments, turns)
         diarize_s = time.perf_counter() - t_d

@@ -105,3 +105,17 @@ def test_subpackages_say_their_job_and_export_nothing(init):
 def test_every_folder_of_modules_is_a_package():
     for d in {p.parent for p in PKG.rglob("*.py")}:
         assert (d / "__init__.py").is_file(), f"{d} has modules but no __init__.py"
+
+
+def test_murmur_exports_only_the_public_api():
+    import murmur
+
+    assert sorted(murmur.__all__) == sorted([
+        "transcribe", "load_model", "TranscribeOptions", "DecodingOptions",
+        "MurmurError", "AudioError", "ModelError", "OptionsError",
+        "Segment", "Transcript", "Turn", "Word"])
+    assert murmur.__version__
+    # nothing else public at the top: the rest is imported by its full path
+    tree = ast.parse((PKG / "__init__.py").read_text(encoding="utf-8"))
+    imported = {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert imported == set(murmur.__all__)

@@ -75,15 +75,14 @@ class AttentiveFrameDrop(EncoderHook):
         return f"AttentiveFrameDrop(layer={self.layer}, fraction={self.fraction}, query_stride={self.stride})"
 
 
-def parse_encoder_sparsity(spec: str | None, model=None) -> list[EncoderHook]:
-    """'off' | 'default' | 'LAYER:FRACTION[:STRIDE]' (e.g. '1:0.5', '1:0.5:8') -> encoder hooks.
-    STRIDE > 1 scores frames from every STRIDE-th query (needs `model`, layer >= 1). `model`
-    (Whisper or LoadedModel), when given, also checks the layer exists."""
+def sparsity_spec(spec: str | None) -> tuple[int, float, int] | None:
+    """'off' | 'default' | 'LAYER:FRACTION[:STRIDE]' -> (layer, fraction, stride), None for off;
+    a MurmurError for anything else. No model needed."""
     spec = (spec or "off").strip().lower()
     if spec == "default":
         spec = DEFAULT_SPEC
     if spec in ("off", "none", ""):
-        return []
+        return None
     try:
         parts = spec.split(":")
         if len(parts) not in (2, 3):
@@ -92,6 +91,18 @@ def parse_encoder_sparsity(spec: str | None, model=None) -> list[EncoderHook]:
         stride = int(parts[2]) if len(parts) == 3 else 1
     except ValueError:
         raise MurmurError(f"--encoder-sparsity {spec!r}: expected LAYER:FRACTION[:STRIDE] (e.g. 1:0.5) or off") from None
+    return layer, frac, stride
+
+
+def parse_encoder_sparsity(spec: str | None, model=None) -> list[EncoderHook]:
+    """'off' | 'default' | 'LAYER:FRACTION[:STRIDE]' (e.g. '1:0.5', '1:0.5:8') -> encoder hooks.
+    STRIDE > 1 scores frames from every STRIDE-th query (needs `model`, layer >= 1). `model`
+    (Whisper or LoadedModel), when given, also checks the layer exists."""
+    parsed = sparsity_spec(spec)
+    if parsed is None:
+        return []
+    layer, frac, stride = parsed
+    spec = spec.strip().lower()
     m = getattr(model, "model", model)
     if m is not None and hasattr(m, "dims") and layer >= m.dims.n_audio_layer:
         raise MurmurError(f"--encoder-sparsity layer {layer}: the model has encoder layers 0..{m.dims.n_audio_layer - 1}")

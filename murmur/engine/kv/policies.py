@@ -428,10 +428,9 @@ def _value(key: str, raw: str):
         raise MurmurError(f"--kv-opt {key}={raw!r}: expected {'a number' if key in _FLOAT else 'an integer'}") from None
 
 
-def parse_kv_policy(spec: str, opts: dict[str, str] | None = None, model=None) -> Policies | None:
-    """`spec` 'none' | 'a+b+...' of POLICY_NAMES; `opts` key=value strings (see DEFAULTS, plus
-    physical=0|1). Returns None for 'none' (the engine's policy-free path). `model` (a LoadedModel
-    or name) picks duo's stored head map."""
+def check_kv_policy(spec: str | None, opts: dict[str, str] | None = None) -> list[str]:
+    """The policy names in `spec` other than 'none', once `spec` and `opts` are known to be valid
+    (names, each key applying to one of them, values of the right kind); no model needed."""
     opts = dict(opts or {})
     names = [n.strip() for n in (spec or "none").split("+") if n.strip()]
     bad = [n for n in names if n not in POLICY_NAMES]
@@ -444,6 +443,17 @@ def parse_kv_policy(spec: str, opts: dict[str, str] | None = None, model=None) -
     unknown = sorted(set(opts) - valid)
     if unknown:
         raise MurmurError(f"--kv-opt {unknown[0]!r} does not apply to {spec!r}; valid: {', '.join(sorted(valid))}")
+    for k, v in opts.items():
+        _value(k, v)
+    return names
+
+
+def parse_kv_policy(spec: str, opts: dict[str, str] | None = None, model=None) -> Policies | None:
+    """`spec` 'none' | 'a+b+...' of POLICY_NAMES; `opts` key=value strings (see DEFAULTS, plus
+    physical=0|1). Returns None for 'none' (the engine's policy-free path). `model` (a LoadedModel
+    or name) picks duo's stored head map."""
+    opts = dict(opts or {})
+    names = check_kv_policy(spec, opts)
     if not names:
         return None
     physical = bool(_value("physical", opts.get("physical", "1")))
