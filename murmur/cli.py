@@ -43,45 +43,35 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-speakers", type=int, default=None)
 
 
-def _decode_kwargs(args) -> dict:
-    kw = dict(model=args.model, device=args.device, beam_size=args.beam_size, language=args.language,
-              chunk_size=args.chunk_size, batch_size=args.batch_size, initial_prompt=args.initial_prompt,
-              condition_on_previous_text=not args.no_condition_on_previous_text)
-    if args.temperature is not None:
-        kw["temperature"] = (args.temperature,)
-    kv_opts = {}
-    for o in args.kv_opt:
-        if "=" not in o:
-            raise MurmurError(f"--kv-opt {o!r}: expected KEY=VALUE")
-        k, v = o.split("=", 1)
-        kv_opts[k.strip()] = v.strip()
-    kw.update(kv_policy=args.kv_policy, kv_opts=kv_opts, encoder_sparsity=args.encoder_sparsity,
-              word_timestamps=args.word_timestamps, num_speakers=args.num_speakers,
-              min_speakers=args.min_speakers, max_speakers=args.max_speakers)
-    return kw
+def _options(args, **kw):
+    """The TranscribeOptions the decode flags give (kw: the settings a command adds)."""
+    from murmur.options import TranscribeOptions
+
+    return TranscribeOptions(
+        chunk_size=args.chunk_size, batch_size=args.batch_size, language=args.language, beam_size=args.beam_size,
+        temperature=args.temperature, initial_prompt=args.initial_prompt,
+        condition_on_previous_text=not args.no_condition_on_previous_text, device=args.device,
+        compute_type=args.compute_type, threads=args.threads, kv_policy=args.kv_policy, kv_opts=args.kv_opt,
+        encoder_sparsity=args.encoder_sparsity, word_timestamps=args.word_timestamps,
+        num_speakers=args.num_speakers, min_speakers=args.min_speakers, max_speakers=args.max_speakers, **kw)
 
 
 def cmd_transcribe(args) -> int:
-    import os
-
     from murmur.models.loading import get_model
     from murmur.output import writers
     from murmur.transcribe import transcribe
 
-    if args.threads:
-        os.environ["MURMUR_THREADS"] = str(args.threads)
+    options = _options(args, progress=not args.quiet,
+                       diarize=args.diarize if args.diarize is not None else args.format in ("seglst", "rttm", "stm"))
     files = [Path(f) for f in args.files]
     out = args.output
     if out not in (None, "-") and len(files) > 1 and not Path(out).is_dir():
         Path(out).mkdir(parents=True, exist_ok=True)
     loaded = get_model(args.model, args.device, args.compute_type)
-    kw = _decode_kwargs(args)
-    kw["model"] = loaded
-    kw["diarize"] = args.diarize if args.diarize is not None else args.format in ("seglst", "rttm", "stm")
     failures = 0
     for f in files:
         try:
-            result = transcribe(f, progress=not args.quiet, **kw)
+            result = transcribe(f, loaded, options)
         except MurmurError as e:
             print(f"error: {e}", file=sys.stderr)  # the message names the file
             failures += 1

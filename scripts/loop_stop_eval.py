@@ -63,7 +63,7 @@ def main() -> None:
                 orig_check, orig_result, orig_finish)
         t0 = time.perf_counter()
         r = transcribe(item.audio, loaded, chunk_size=chunk, batch_size=args.batch_size,
-                       options=DecodingOptions(stop_loops_early=True))
+                       decoding=DecodingOptions(stop_loops_early=True))
         runs[mode] = (wer(item.reference, r.text)["wer"] * 100, time.perf_counter() - t0, r.stats)
 
     thr = DecodingOptions().compression_ratio_threshold

@@ -89,26 +89,19 @@ def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None
     """One configuration over the set: a row of pooled scores and stage times; the transcripts go
     under the row's "transcripts" key (cmd_bench writes them out and drops the key)."""
     from murmur.models.loading import get_model
+    from murmur.options import TranscribeOptions
     from murmur.transcribe import transcribe
     loaded = get_model(model, compute_type=compute_type)
-    extra = {}
-    if kv_policy and kv_policy != "none":
-        from murmur.engine.kv.policies import parse_kv_policy
-        extra["kv_policy"] = parse_kv_policy(kv_policy, kv_opts or {}, loaded)
-    if sparsity and sparsity != "off":
-        from murmur.engine.sparsify import parse_encoder_sparsity
-        extra["encoder_hooks"] = parse_encoder_sparsity(sparsity, loaded)
+    # a spec, not a policy object: transcribe makes a fresh policy per item (policies hold per-run state)
+    options = TranscribeOptions(chunk_size=chunk_size, batch_size=batch_size, beam_size=beam_size, progress=progress,
+                                compute_type=compute_type, kv_policy=kv_policy, kv_opts=kv_opts,
+                                encoder_sparsity=sparsity)
     per, stats, spk, hyps = [], [], [], []
     mon = peers._PeakRSS()
     with mon.watch():
         t0 = time.perf_counter()
         for it in items:
-            if kv_policy and kv_policy != "none":  # policies hold per-run state
-                from murmur.engine.kv.policies import parse_kv_policy
-                extra["kv_policy"] = parse_kv_policy(kv_policy, kv_opts or {}, loaded)
-            r = transcribe(it.audio, loaded, chunk_size=chunk_size, batch_size=batch_size,
-                           beam_size=beam_size, progress=progress, diarize=diarize and bool(it.ref_segments),
-                           **extra)
+            r = transcribe(it.audio, loaded, options.with_(diarize=diarize and bool(it.ref_segments)))
             stats.append(r.stats)
             hyps.append({"item": it.name, "text": r.text,
                          "segments": [{"start": round(g.start, 3), "end": round(g.end, 3), "text": g.text,
