@@ -6,6 +6,9 @@ side in one continuously batched engine (what `transcribe` does for the chunks o
 and returns pooled normalised WER per part plus the engine and KV statistics. `wer` pools all
 45 clips; `clean_wer` leaves out the two AMI clips without a transcript (UNSCORED), where tiny.en's
 hallucinations swing the pooled figure by +-10 points between otherwise equal runs.
+
+Not a measurement itself: the clip set and runner behind sparsity_sweep.py, kv_policy_eval.py and
+kv_bound.py (docs/benchmarks.md, "Inside a chunk").
 """
 from __future__ import annotations
 

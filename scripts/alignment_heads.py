@@ -12,6 +12,8 @@ scored for k = 1..k-max, and k is picked on that curve. Because picking and scor
 clips flatters the pick, a 2-fold check (rank and pick k on one half of the clips, score on the
 other) compares picked vs bundled on held-out clips. Last, bundled vs picked through the full
 post-pass (murmur.speakers.timing.add_word_timestamps, with segment-edge heuristics).
+
+Figure: docs/benchmarks.md, "Speakers and words": the alignment heads behind its word times.
 """
 from __future__ import annotations
 

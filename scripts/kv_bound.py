@@ -8,6 +8,9 @@ mode: one stream, each 30-s window decoded with the previous text as prompt. Bud
 output-window's sink + window + block - 1 tokens plus the window's 1500 frames (the speech policies
 start each window with every frame). Prints, per configuration, the peak and mean physical KV per
 row, the budget, frames evicted at or ahead of the last timestamp, and the time taken.
+
+Figure: docs/benchmarks.md, "Inside a chunk": a 30-min `full` chunk keeps its per-row KV within
+the policy's budget, and speech-follow never evicts ahead of the last timestamp.
 """
 from __future__ import annotations
 

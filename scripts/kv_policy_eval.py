@@ -12,6 +12,9 @@ computed = what the batched dense attention spans (every row over the longest ro
 frames evicted at or ahead of the row's last emitted timestamp; decode and wall seconds.
 Speed: decode_s of the whole set at torch.set_num_threads(1), none and each default alternated,
 median of --reps runs (the machine is shared: compare only the interleaved medians).
+
+No table of docs/benchmarks.md comes from it: the KV-policy table there is `murmur bench
+--kv-policies` on the stitched set; this is the per-clip view (WER per part, KV attended and computed).
 """
 from __future__ import annotations
 

@@ -6,6 +6,9 @@ anyway (its full text over the threshold). Then runs it with stopping on, and pr
 for both. A false stop is a decode the rule stops that would have passed.
 
     python scripts/loop_stop_eval.py --chunk-size full
+
+Figure: docs/benchmarks.md, "Accuracy against latency": decodes over the compression-ratio
+threshold stop early when a fallback temperature is left (DecodingOptions.stop_loops_early).
 """
 from __future__ import annotations
 

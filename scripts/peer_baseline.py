@@ -7,6 +7,9 @@ the stitched recording, then per-part WER with each clip transcribed alone
 (sequential). WER: whisper_normalizer EnglishTextNormalizer on both sides (curly
 apostrophes straightened first, as the normaliser only knows ASCII ones), jiwer,
 pooled over all words of a part (not averaged per clip).
+
+No table comes from it now: the README's faster-whisper rows come from `murmur bench --peers`
+(the same peers, in a child process, in the same run as Murmur's).
 """
 from __future__ import annotations
 

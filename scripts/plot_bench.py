@@ -1,4 +1,4 @@
-"""Merge several `murmur bench` JSON files into one accuracy-latency plot (the README's figure).
+"""Merge several `murmur bench` JSON files into one accuracy-latency plot (the README's figure, docs/bench.png).
 
     python scripts/plot_bench.py OUT.png RUN1/bench.json RUN2/bench.json ... [--title T]
 

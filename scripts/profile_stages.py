@@ -6,6 +6,8 @@
 Prints the per-stage split of an unprofiled run's wall time (from the engine's own timers), then the
 operators that took the most self CPU time in a second run under torch.profiler (which adds a little
 overhead of its own).
+
+Figures: docs/benchmarks.md, "Where the time goes" (chunk 30, 2 threads).
 """
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ configuration timed once per round, rounds interleaved, median of --reps rounds 
 shared, so the median of interleaved runs is what is comparable). WER: the 32 LJSpeech + 13 AMI
 clips of scripts/_inside_chunk.py, each a sequential stream, batched together, pooled normalised
 WER. A default must lose < 1 % WER relative and cut encoder time >= 1.4x.
+
+Figures: docs/benchmarks.md, "Inside a chunk": the layer x fraction speed-ups and WER changes.
 """
 from __future__ import annotations
 

@@ -7,6 +7,9 @@ Each clip is transcribed with murmur.transcribe(path, model, chunk_size=None); w
 (a post-pass), or `--mode stream`: transcribe(..., word_timestamps=True), the per-window hook
 inside ChunkStream. Hypothesis words are matched to the reference words (ami30.words.seglst.json,
 all speakers, sorted by start) by normalised text with difflib; the figures are over matched words: median and 90th percentile of |hyp start - ref start|, pooled.
+
+Figures: docs/benchmarks.md, "Speakers and words": median and 90th-percentile start error
+(`--mode stream`).
 """
 from __future__ import annotations
 

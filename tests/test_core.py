@@ -232,7 +232,7 @@ def test_progress_counts_recording_seconds(tiny, jfk_audio):
 
 
 def test_openmp_spin_default_keeps_a_users_value():
-    # a short OpenMP spin keeps 2-thread runs usable on a busy machine (README, accuracy vs latency)
+    # a short OpenMP spin keeps 2-thread runs usable on a busy machine (docs/benchmarks.md)
     code = "import os, murmur; print(os.environ['GOMP_SPINCOUNT'])"
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -244,7 +244,7 @@ def test_openmp_spin_default_keeps_a_users_value():
 
 def test_threads_follow_idle_cores_unless_pinned(monkeypatch):
     """Unpinned, a run takes the cores other programs leave idle (looked at once per 10 s);
-    MURMUR_THREADS or an explicit count wins. The tokens do not depend on it (README)."""
+    MURMUR_THREADS or an explicit count wins. The tokens do not depend on it (docs/benchmarks.md)."""
     import psutil
 
     import murmur.threads

@@ -3,7 +3,7 @@
 A `ChunkStream` walks its audio in windows of at most 30 s: it submits a window, and when the result
 comes back it applies the temperature fallback, the no-speech rule, cuts segments at timestamp pairs,
 seeks to the last complete timestamp and carries the text as the next prompt. Context flows within
-a chunk and never across chunks. Many streams interleave in one engine (see murmur.scheduler).
+a chunk and never across chunks. Many streams interleave in one engine (see murmur.engine.scheduler).
 """
 from __future__ import annotations
 

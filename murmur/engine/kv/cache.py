@@ -5,7 +5,7 @@ frames (encoder output of the row's window). Each row has a logical position (fo
 positional embedding) and a physical fill pointer; they differ once a policy evicts and compacts.
 A decode step runs over rows [0, hi) as views of the buffers, never copies; free slots inside that
 range compute but keep nothing, and the engine fills them with the next ready window at once.
-Policies (murmur.kv.policies) see the cache after every step and clear `self_keep` / `cross_keep`
+Policies (murmur.engine.kv.policies) see the cache after every step and clear `self_keep` / `cross_keep`
 bits or compact slots; the model code never changes for them.
 """
 from __future__ import annotations
