@@ -141,8 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from murmur.eval.bench.run import add_parser as add_bench
     from murmur.eval.cli import add_parser as add_eval
+    from murmur.models.kernels import add_parser as add_info
     add_eval(sub)
     add_bench(sub)
+    add_info(sub)
     return parser
 
 

@@ -7,6 +7,7 @@ import gzip
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ class LoadedModel:
     suppress_tokens_begin: list[int]
     compute_type: str = "float32"
     cross_dtype: torch.dtype | None = None  # speech K/V in the decoder cache; None: the model's dtype
+    plan: Any = None  # the KernelPlan it was loaded with (murmur.models.kernels)
 
 
 def _load_state(model: Whisper, sd: dict[str, torch.Tensor], where) -> None:

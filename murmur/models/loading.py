@@ -6,6 +6,7 @@ Nothing here touches the network. A missing or corrupt model raises ModelError n
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from murmur.cpu import native_bf16
 from murmur.errors import ModelError
 from murmur.models.common import LoadedModel
+from murmur.models.kernels import kernel_plan
 from murmur.models.ctranslate2 import BUNDLED, load_ct2_folder
 from murmur.models.whisper import TiedLogits, Whisper
 
@@ -20,23 +22,25 @@ from murmur.models.whisper import TiedLogits, Whisper
 COMPUTE_TYPES = ("auto", "int8", "int8_bfloat16", "float32", "float16", "bfloat16")
 
 
-def quantize_int8(model: Whisper, bf16_encoder: bool = False) -> Whisper:
-    """int8 for every Linear and the tied logit projection (CPU), row-wise: see murmur.models.quant.
+def quantize_int8(model: Whisper, bf16_encoder: bool = False, kernel: str = "onednn") -> Whisper:
+    """int8 for every Linear and the tied logit projection (CPU), row-wise, on `kernel`'s GEMM
+    ("onednn" or "fbgemm"): see murmur.models.quant.
 
     With `bf16_encoder` the encoder and the decoder's cross K/V projections (which run once per
     window on 1500 frames, not once per token) stay in bf16 instead: on a CPU with bf16 in
     hardware their large GEMMs beat int8's, whose per-row quantisation passes cost more than the
     integer products."""
-    from murmur.models.quant import Int8Linear, quantize_linears
+    from murmur.models.quant import INT8_LAYERS, quantize_linears
+    layer = INT8_LAYERS[kernel]
     once_per_window = [m for b in model.decoder.blocks for m in (b.cross_attn.key, b.cross_attn.value)]
     if bf16_encoder:
         model.encoder.to(torch.bfloat16)
         for m in once_per_window:
             m.to(torch.bfloat16)
     else:
-        quantize_linears(model.encoder)
-    quantize_linears(model.decoder, skip=once_per_window if bf16_encoder else ())
-    model.decoder.output = Int8Linear(model.decoder.token_embedding.weight, None)
+        quantize_linears(model.encoder, layer=layer)
+    quantize_linears(model.decoder, skip=once_per_window if bf16_encoder else (), layer=layer)
+    model.decoder.output = layer(model.decoder.token_embedding.weight, None)
     return model
 
 
@@ -45,13 +49,14 @@ def load_model(name_or_path: str | os.PathLike = "tiny.en", device: str | None =
     """Load a model by bundled name or local path.
 
     Compute types:
-      int8           (CPU) every Linear int8, row-wise, so batch-invariant (murmur.models.quant); speech K/V
-                     of the decoder cache in bf16 (a decode step's largest read, halved).
+      int8           (CPU) every Linear int8, row-wise, so batch-invariant (murmur.models.quant), on
+                     oneDNN where the CPU has AVX-512 VNNI, else fbgemm; speech K/V of the decoder
+                     cache in bf16 on AMX (a decode step's largest read, halved), else fp32.
       int8_bfloat16  (CPU) the per-token decoder as int8; the encoder and the cross K/V
                      projections in bf16. Where the CPU has bf16 in hardware, their large GEMMs
                      run 2.7x faster than int8's (see quantize_int8).
       float32, float16, bfloat16: the whole model in that dtype.
-    'auto' is float16 on CUDA; on CPU int8_bfloat16 where bf16 is native, else int8 (as faster-whisper).
+    'auto' is float16 on CUDA; on CPU int8_bfloat16 where bf16 is native, else int8 (murmur.models.kernels).
     `dtype` overrides a float compute type."""
     if compute_type not in COMPUTE_TYPES:
         raise ModelError(f"compute type {compute_type!r}: choose one of {', '.join(COMPUTE_TYPES)}")
@@ -78,21 +83,24 @@ def load_model(name_or_path: str | os.PathLike = "tiny.en", device: str | None =
                              "an OpenAI .pt checkpoint, or a Hugging Face folder (config.json + *.safetensors)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = str(device).startswith("cuda")
-    if compute_type == "auto":
-        # a CPU decode step is memory-bound, and int8 weights are a quarter of fp32's bytes
-        compute_type = "float16" if cuda else ("int8_bfloat16" if native_bf16() else "int8")
     if compute_type.startswith("int8") and cuda:
         raise ModelError(f"compute type {compute_type} is CPU only; use float16 or bfloat16 on CUDA")
+    plan = kernel_plan(compute_type, device)  # auto: the fastest accurate path on this CPU
+    compute_type = plan.compute_type
+    if not cuda and "bfloat16" in compute_type and not native_bf16():
+        warnings.warn(f"compute type {compute_type} on a CPU without bf16 in hardware runs generic code, "
+                      "30-70x slower; 'auto' picks int8 here", stacklevel=2)
     if dtype is None:
         dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(compute_type, torch.float32)
     loaded.model.to(device=device, dtype=dtype).eval()
     loaded.model.requires_grad_(False)
     if compute_type.startswith("int8"):
-        quantize_int8(loaded.model, bf16_encoder=compute_type == "int8_bfloat16")
-        loaded.cross_dtype = torch.bfloat16
+        quantize_int8(loaded.model, bf16_encoder=compute_type == "int8_bfloat16", kernel=plan.int8)
+        loaded.cross_dtype = torch.bfloat16 if plan.speech_kv == "bf16" else torch.float32
     elif not cuda:
         loaded.model.decoder.output = TiedLogits(loaded.model.decoder.token_embedding.weight)
     loaded.compute_type = compute_type
+    loaded.plan = plan
     return loaded
 
 

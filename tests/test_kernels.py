@@ -1,0 +1,88 @@
+"""The kernel plan per CPU family, and the default path's batch invariance on each family."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import murmur
+from murmur import cpu
+from murmur.audio.decode import load_audio
+from murmur.models import kernels
+from murmur.models.quant import FbgemmLinear, Int8Linear
+
+
+@pytest.fixture
+def family(monkeypatch):
+    """Force the probe to a family (as MURMUR_CPU does); the real probe comes back after."""
+    def force(name):
+        monkeypatch.setenv("MURMUR_CPU", name)
+        cpu.cpu_info.cache_clear()
+        return cpu.cpu_info()
+    yield force
+    monkeypatch.delenv("MURMUR_CPU", raising=False)
+    cpu.cpu_info.cache_clear()
+
+
+def _rank(name):
+    return cpu.FAMILIES.index(name)
+
+
+def test_no_bf16_anywhere_without_native_bf16(family):
+    """An AVX2 CPU gets int8 on fbgemm, fp32 speech K/V and fp32 LSTMs: no bf16 path at all."""
+    info = family("avx2")
+    if info.family != "avx2":
+        pytest.skip("this CPU is below AVX2")
+    for ct in ("auto", "int8", "float32"):
+        plan = kernels.kernel_plan(ct)
+        assert "bf16" not in (plan.encoder, plan.decoder, plan.speech_kv, plan.lstm), plan
+    plan = kernels.kernel_plan("auto")
+    assert plan.compute_type == "int8" and plan.int8 == "fbgemm"
+
+
+def test_plans_of_the_bf16_families():
+    feats = frozenset({"avx2", "fma", "avx512", "vnni", "avx512_bf16", "amx", "amx_bf16"})
+    amx = kernels._plan("auto", False, cpu.CPUInfo("x", feats, "amx", None))
+    zen5 = kernels._plan("auto", False, cpu.CPUInfo("x", feats - {"amx", "amx_bf16"}, "avx512_bf16", None))
+    assert (amx.compute_type, amx.encoder, amx.int8, amx.speech_kv) == ("int8_bfloat16", "bf16", "onednn", "bf16")
+    # bf16 SDPA without AMX ran 3x slower than fp32: the speech K/V stay fp32 there
+    assert (zen5.encoder, zen5.int8, zen5.speech_kv) == ("bf16", "onednn", "fp32")
+    assert kernels._plan("auto", True, cpu.CPUInfo("x", feats, "amx", None)).compute_type == "float16"
+
+
+def test_auto_model_on_avx2_has_no_bf16_tensor(family):
+    if family("avx2").family != "avx2":
+        pytest.skip("this CPU is below AVX2")
+    m = murmur.load_model("tiny.en")
+    assert m.compute_type == "int8" and m.cross_dtype == torch.float32
+    layers = [x for x in m.model.modules() if isinstance(x, (FbgemmLinear, Int8Linear))]
+    assert layers and all(isinstance(x, FbgemmLinear) for x in layers)
+    assert all(t.dtype != torch.bfloat16 for t in m.model.state_dict().values())
+
+
+def _clip(data_dir):
+    return load_audio(data_dir / "ami" / "dev00.flac")
+
+
+@pytest.mark.parametrize("forced", [None, "avx2"])
+def test_default_tokens_identical_at_batch_1_and_16(family, data_dir, forced):
+    """Continuous batching relies on it: every path `auto` can choose gives a row the same tokens
+    whichever rows share its steps (this CPU's own plan, and AVX2's forced)."""
+    if forced:
+        if _rank(family(forced).family) < _rank("avx2"):
+            pytest.skip("this CPU is below AVX2")
+    m = murmur.load_model("tiny.en")
+    audio = _clip(data_dir)
+    one = murmur.transcribe(audio, m, chunk_size=6, batch_size=1)
+    many = murmur.transcribe(audio, m, chunk_size=6, batch_size=16)
+    assert one.stats["chunks"] >= 3 and many.stats["mean_active_rows"] > 1
+    assert [(s.start, s.end, s.text) for s in one.segments] == [(s.start, s.end, s.text) for s in many.segments]
+
+
+def test_info_names_the_cpu_and_a_path_per_op(capsys):
+    from murmur.cli import main
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert cpu.cpu_info().model in out and "speech K/V" in out and "encoder" in out
+    rows = kernels.micro_bench(budget=0.01)
+    assert {r["op"].split(",")[0] for r in rows} >= {"encoder GEMM", "logit head", "speech attention"}
+    assert all(v is None or v > 0 for r in rows for v in r["ms"].values())
