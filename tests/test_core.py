@@ -209,11 +209,11 @@ def test_long_silence_is_empty_and_quick(tmp_path, tiny):
 
 def test_int8_matches_float32_on_jfk(tiny, jfk_audio):
     """The CPU defaults must not change a clean transcript: int8 (every Linear and the tied logit
-    head) and int8_bfloat16 (bf16 encoder), both with bf16 speech K/V in the cache."""
+    head) and, where bf16 is native, int8_bfloat16 (bf16 encoder)."""
     from murmur.cpu import native_bf16
     assert murmur.load_model("tiny.en").compute_type == ("int8_bfloat16" if native_bf16() else "int8")
     ref = murmur.transcribe(jfk_audio, tiny).text
-    for ct in ("int8", "int8_bfloat16"):
+    for ct in ("int8", "int8_bfloat16") if native_bf16() else ("int8",):
         q = murmur.load_model("tiny.en", compute_type=ct)
         assert q.compute_type == ct and q.model.decoder.output is not None
         assert q.model.encoder.dtype == (torch.bfloat16 if ct == "int8_bfloat16" else torch.float32)
