@@ -149,7 +149,7 @@ def transcribe(
                            language=lang, word_timestamps=word_timestamps, model=loaded)
                for i, p in enumerate(plans)]
     engine = Engine(loaded, opts, batch_size=o.batch_size, kv_policy=kv_policy, encoder_hooks=hooks,
-                    seed=o.seed)
+                    seed=o.seed, max_streams=len(streams))
     speech_total = sum(p.n_samples for p in plans) / SAMPLE_RATE
     bar = _progress(o.progress, duration, speech_total, source)
     scheduler = StreamScheduler(streams, max_open=o.queue_limit or 2 * engine.batch_size,

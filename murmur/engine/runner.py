@@ -67,13 +67,15 @@ class _Active:
 class Engine:
     def __init__(self, loaded: LoadedModel, options: DecodingOptions = DecodingOptions(),
                  batch_size: int = 8, encoder_batch: int | None = None, kv_policy=None,
-                 encoder_hooks=(), seed: int = 0):
+                 encoder_hooks=(), seed: int = 0, max_streams: int | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.tok = loaded.tokenizer
         self.options = options
         d = self.model.dims
         self.group = max(options.beam_size, options.best_of if any(t > 0 for t in options.temperature) else 1)
+        if max_streams:  # rows no stream can fill would only cost their cache (150 MB of speech K/V per 16 rows)
+            batch_size = min(batch_size, max_streams * self.group)
         self.batch_size = max(batch_size, self.group)
         self.device = self.model.device
         # on CPU a window's 1500 frames already fill the GEMMs; batching windows only makes

@@ -235,6 +235,14 @@ def cmd_bench(args) -> int:
             r["wall_vs_seq_peer"] = round(r["wall_s"] / seq_peer["wall_s"], 3)
             if r["wer"] is not None and seq_peer["wer"] is not None:
                 r["wer_minus_seq_peer"] = round(r["wer"] - seq_peer["wer"], 2)
+    from murmur.models.kernels import facts, kernel_plan
+    machine = facts()
+    for r in rows:  # every figure names the CPU it was measured on
+        r.update(cpu=machine["cpu"], cpu_family=machine["cpu_family"], cpu_forced=machine["cpu_forced"],
+                 torch=machine["torch"], threads=machine["threads"])
+        if r["kind"] == "murmur":
+            p = kernel_plan(r.get("compute_type", "auto"))
+            r["kernels"] = f"encoder {p.encoder}, decoder {p.decoder}, speech K/V {p.speech_kv}"
     _write_transcripts(rows, out / "transcripts")
     write_csv(rows, out / "bench.csv")
     write_json(rows, out / "bench.json")
@@ -250,6 +258,9 @@ def cmd_bench(args) -> int:
     for r in rows:
         table.add_row(*[_fmt(r.get(c)) for c in cols if c in shown])
     Console(width=max(Console().width, 200)).print(table)  # a pipe reports 80 columns: keep the table readable
+    console.print(f"CPU: {machine['cpu']} ({machine['cpu_family']}"
+                  + (f", forced by {machine['cpu_forced']}" if machine["cpu_forced"] else "")
+                  + f"), torch {machine['torch']}, {machine['threads']} threads")
     console.print(f"wrote {out / 'bench.csv'}, {out / 'bench.json'}, {out / 'transcripts'}/" +
                   (f", {out / 'bench.png'}" if (out / "bench.png").exists() else ""))
     return 0
