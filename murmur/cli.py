@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     from murmur.eval.cli import add_parser as add_eval
     add_eval(sub)
     add_bench(sub)
+    from murmur.serve.cli import add_parser as add_serve
+    add_serve(sub)
     return parser
 
 
