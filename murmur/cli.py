@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval(sub)
     add_bench(sub)
     add_info(sub)
+    from murmur.serve.cli import add_parser as add_serve
+    add_serve(sub)
     return parser
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +99,91 @@ def _speech_regions(plans: list[ChunkPlan]) -> list[tuple[float, float]]:
             for p in plans for piece, t in zip(p.pieces, p.time_map.dst)]
 
 
+class Job:
+    """One recording through the pipeline, whatever scheduler feeds its chunk streams to an engine:
+    plan chunks -> ChunkStreams -> (engine) -> stitch -> diarize -> Transcript. `transcribe()` runs one
+    job on a StreamScheduler; the server (murmur.serve) runs many jobs' streams in one engine."""
+
+    def __init__(self, loaded: LoadedModel, audio: np.ndarray, o: TranscribeOptions, source: str | None = None):
+        self.t_start = time.perf_counter()
+        self.loaded, self.source, self.o = loaded, source, o
+        self.audio = audio
+        self.duration = len(audio) / SAMPLE_RATE
+        opts = o.decoding_options()
+        tok = loaded.tokenizer
+        if tok.multilingual and opts.language is None and len(audio):
+            opts = opts.with_(language=detect_language(loaded, audio)[0])
+        lang = self.language = opts.language or "en"
+        if not tok.multilingual and lang != "en":
+            raise MurmurError(f"model {loaded.name} is English-only; language {lang!r} is not supported")
+        if not tok.multilingual and opts.task == "translate":
+            raise MurmurError(f"model {loaded.name} is English-only; it cannot translate")
+        # each job its own tokenizer: language and task belong to the request, so concurrent
+        # jobs never see each other's (the copy shares the BPE)
+        self.tokenizer = replace(tok, language=lang, task=opts.task)
+        self.options = opts
+        self.plans, self.vad_s = plan_chunks(audio, o.chunk_size, o.vad_options)
+        self.streams = [ChunkStream(p.pieces, self.tokenizer, opts, p.time_map, index=i,
+                                    n_text_ctx=loaded.model.dims.n_text_ctx, language=lang,
+                                    word_timestamps=o.word_timestamps or o.diarize, model=loaded)
+                        for i, p in enumerate(self.plans)]
+        self.speech_seconds = sum(p.n_samples for p in self.plans) / SAMPLE_RATE
+        self._emitted = 0
+
+    def remaining_seconds(self) -> float:
+        return sum(s.duration - s.seconds_done for s in self.streams if not s.done)
+
+    def take_finished_segments(self) -> list:
+        """The segments of the streams that finished, in recording order, not yet taken: chunks are
+        disjoint and in order, so these are final once every earlier chunk is done."""
+        out = []
+        while self._emitted < len(self.streams) and self.streams[self._emitted].done:
+            out += self.streams[self._emitted].segments
+            self._emitted += 1
+        return out
+
+    def finish(self, stats: dict | None = None) -> Transcript:
+        """Stitch the streams' segments, diarize if asked, and close the job."""
+        o = self.o
+        t_stitch = time.perf_counter()
+        from murmur.output.stitcher import stitch
+        segments = stitch([s.segments for s in self.streams])
+        stitch_s = time.perf_counter() - t_stitch
+        turns, diarize_s = [], 0.0
+        if o.diarize:
+            from murmur.speakers.diarize import assign_speakers
+            from murmur.speakers.diarize import diarize as run_diarization
+            t_d = time.perf_counter()
+            turns = run_diarization(self.audio, num_speakers=o.num_speakers, min_speakers=o.min_speakers,
+                                    max_speakers=o.max_speakers, options=o.diarize_options,
+                                    regions=None if o.chunk_size is None else _speech_regions(self.plans))
+            segments = assign_speakers(segments, turns)
+            diarize_s = time.perf_counter() - t_d
+        self.audio = None
+        wall = time.perf_counter() - self.t_start
+        streams = self.streams
+        stats = {
+            "wall_s": round(wall, 3),
+            "rtfx": round(self.duration / wall, 2) if wall > 0 else None,
+            "audio_s": round(self.duration, 3),
+            "chunks": len(self.plans),
+            "windows": sum(s.windows for s in streams),
+            "fallbacks": sum(s.fallbacks for s in streams),
+            "skipped_no_speech": sum(s.skipped_no_speech for s in streams),
+            "dropped_repetitive": sum(s.dropped_repetitive for s in streams),
+            "vad_s": round(self.vad_s, 3),
+            **(stats or {}),
+            "stitch_s": round(stitch_s, 4),
+            "diarize_s": round(diarize_s, 3),
+            "speakers": len({t.speaker for t in turns}),
+            "chunk_size": "full" if o.chunk_size is None else o.chunk_size,
+            "peak_rss_mb": _peak_rss_mb(),
+        }
+        text = "".join(s.text for s in segments).strip()
+        return Transcript(text=text, duration=self.duration, model=self.loaded.name, segments=segments,
+                          language=self.language, stats=stats, source=self.source, turns=turns)
+
+
 def transcribe(
     audio: str | os.PathLike | np.ndarray | bytes,
     model: str | LoadedModel = "tiny.en",
@@ -124,16 +209,8 @@ def transcribe(
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim != 1:
         raise MurmurError(f"audio must be mono 1-D samples at 16 kHz, got shape {audio.shape}")
-    duration = len(audio) / SAMPLE_RATE
-    chunk_size = o.chunk_size
-    opts = o.decoding_options()
-    tok = loaded.tokenizer
-    if tok.multilingual and opts.language is None and len(audio):
-        opts = opts.with_(language=detect_language(loaded, audio)[0])
-    lang = opts.language or "en"
-    tok.language = lang
-    if not tok.multilingual and lang != "en":
-        raise MurmurError(f"model {loaded.name} is English-only; language {lang!r} is not supported")
+    job = Job(loaded, audio, o, source=source)
+    job.t_start = t_start
     kv_policy = o.kv_policy
     if isinstance(kv_policy, str):
         from murmur.engine.kv.policies import parse_kv_policy
@@ -142,67 +219,28 @@ def transcribe(
     if o.encoder_sparsity:
         from murmur.engine.sparsify import parse_encoder_sparsity
         hooks += parse_encoder_sparsity(o.encoder_sparsity, loaded)
-    diarize = o.diarize
-    word_timestamps = o.word_timestamps or diarize
-    plans, vad_s = plan_chunks(audio, chunk_size, o.vad_options)
-    streams = [ChunkStream(p.pieces, tok, opts, p.time_map, index=i, n_text_ctx=loaded.model.dims.n_text_ctx,
-                           language=lang, word_timestamps=word_timestamps, model=loaded)
-               for i, p in enumerate(plans)]
-    engine = Engine(loaded, opts, batch_size=o.batch_size, kv_policy=kv_policy, encoder_hooks=hooks,
-                    seed=o.seed, max_streams=len(streams))
-    speech_total = sum(p.n_samples for p in plans) / SAMPLE_RATE
-    bar = _progress(o.progress, duration, speech_total, source)
-    scheduler = StreamScheduler(streams, max_open=o.queue_limit or 2 * engine.batch_size,
+    engine = Engine(loaded, job.options, batch_size=o.batch_size, kv_policy=kv_policy, encoder_hooks=hooks,
+                    seed=o.seed, max_streams=len(job.streams))
+    bar = _progress(o.progress, job.duration, job.speech_seconds, source)
+    scheduler = StreamScheduler(job.streams, max_open=o.queue_limit or 2 * engine.batch_size,
                                 on_progress=bar.advance if bar else None)
     try:
         engine.run(scheduler)
     finally:
         if bar:
             bar.close()
-    t_stitch = time.perf_counter()
-    from murmur.output.stitcher import stitch
-    segments = stitch([s.segments for s in streams])
-    stitch_s = time.perf_counter() - t_stitch
-    turns, diarize_s = [], 0.0
-    if diarize:
-        from murmur.speakers.diarize import assign_speakers
-        from murmur.speakers.diarize import diarize as run_diarization
-        t_d = time.perf_counter()
-        turns = run_diarization(audio, num_speakers=o.num_speakers, min_speakers=o.min_speakers,
-                                max_speakers=o.max_speakers, options=o.diarize_options,
-                                regions=None if chunk_size is None else _speech_regions(plans))
-        segments = assign_speakers(segments, turns)
-        diarize_s = time.perf_counter() - t_d
-    wall = time.perf_counter() - t_start
-    stats = {
-        "wall_s": round(wall, 3),
-        "rtfx": round(duration / wall, 2) if wall > 0 else None,
-        "audio_s": round(duration, 3),
-        "chunks": len(plans),
-        "windows": engine.stats["windows"],
-        "fallbacks": sum(s.fallbacks for s in streams),
-        "skipped_no_speech": sum(s.skipped_no_speech for s in streams),
-        "dropped_repetitive": sum(s.dropped_repetitive for s in streams),
-        "vad_s": round(vad_s, 3),
-        "encode_s": round(engine.stats["encode_s"], 3),
-        "decode_s": round(engine.stats["decode_s"], 3),
-        "prefill_s": round(engine.stats["prefill_s"], 3),
-        "forward_s": round(engine.stats["forward_s"], 3),
-        "stitch_s": round(stitch_s, 4),
-        "diarize_s": round(diarize_s, 3),
-        "speakers": len({t.speaker for t in turns}),
-        "tokens": engine.stats["tokens"],
-        "tokens_per_s": round(engine.stats["tokens"] / max(engine.stats["decode_s"], 1e-9), 1),
+    es = engine.stats
+    return job.finish({
+        "encode_s": round(es["encode_s"], 3),
+        "decode_s": round(es["decode_s"], 3),
+        "prefill_s": round(es["prefill_s"], 3),
+        "forward_s": round(es["forward_s"], 3),
+        "tokens": es["tokens"],
+        "tokens_per_s": round(es["tokens"] / max(es["decode_s"], 1e-9), 1),
         "batch_size": engine.batch_size,
-        "batch_occupancy": round(engine.stats["row_steps"] / max(engine.stats["slot_steps"], 1), 3),
-        "mean_active_rows": round(engine.stats["row_steps"] / max(engine.stats["steps"], 1), 2),
-        "chunk_size": "full" if chunk_size is None else chunk_size,
-        "peak_rss_mb": _peak_rss_mb(),
-        **engine.cache.stats,
-    }
-    text = "".join(s.text for s in segments).strip()
-    return Transcript(text=text, duration=duration, model=loaded.name, segments=segments, language=lang,
-                      stats=stats, source=source, turns=turns)
+        "batch_occupancy": round(es["row_steps"] / max(es["slot_steps"], 1), 3),
+        "mean_active_rows": round(es["row_steps"] / max(es["steps"], 1), 2),
+        **engine.cache.stats})
 
 
 def _peak_rss_mb() -> float:

@@ -248,8 +248,14 @@ class Engine:
         next ready window; a request that needs more rows than are free (a fallback's best_of
         candidates) waits at the head of the line while the running rows finish."""
         self._completed: list[Request] = []
-        held: deque[Request] = deque()
+        self._held: deque[Request] = deque()
+        held = self._held
+        # a long-lived scheduler (the server's) may cancel requests and wait for work
+        cancelled = getattr(scheduler, "take_cancelled", None)
+        wait = getattr(scheduler, "wait_for_work", None)
         while True:
+            if cancelled is not None and (drop := cancelled()) is not None:
+                self.cancel(drop)
             if not held and self._free_rows():
                 reqs = scheduler.pop_ready(len(self._free_rows()))
                 self.encode(reqs)
@@ -265,8 +271,21 @@ class Engine:
                 self._drain(scheduler)
             elif scheduler.finished():
                 return
+            elif not admitted and wait is not None:
+                wait()
             elif not admitted:  # every row is free, yet nothing came: the scheduler must have work
                 raise RuntimeError("scheduler stalled: no ready request and not finished")
+
+    def cancel(self, drop: Callable[[Request], bool]) -> None:
+        """Forget the requests `drop` names: held ones leave the line, running ones free their rows
+        now (a row's cache and state are reset when the next request is admitted to it)."""
+        keep = [r for r in self._held if not drop(r)]
+        self._held.clear()
+        self._held.extend(keep)
+        for i, act in enumerate(self.owner_of):
+            if act is not None and drop(act.req):
+                self.owner_of[i] = None
+        self._completed = [r for r in self._completed if not drop(r)]
 
     def _drain(self, scheduler: Scheduler) -> None:
         done, self._completed = self._completed, []

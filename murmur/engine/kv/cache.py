@@ -127,7 +127,10 @@ class KVCache:
         dev = self.device
         slots = torch.from_numpy(slots_np).to(dev)
         positions = torch.from_numpy(pos[:, None] + ar).to(dev)
-        length = int(slots_np.max()) + 1
+        # attend over the whole context, not the longest row's: the softmax and the sum over keys
+        # then reduce in the same order whatever the neighbours' lengths, so a row's tokens never
+        # depend on the rows beside it (the server mixes requests; the masked keys cost little)
+        length = self.n_ctx if self.policy is None else int(slots_np.max()) + 1
         self.self_keep[torch.arange(start, stop, device=dev)[:, None], slots] = True
         keep = self.self_keep[start:stop, :length]
         # a query sees kept slots up to its own (causal within a prefill)

@@ -1,0 +1,1 @@
+"""An OpenAI-compatible HTTP server whose concurrent requests share one engine, token by token."""
