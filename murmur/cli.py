@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_info(sub)
     from murmur.serve.cli import add_parser as add_serve
     add_serve(sub)
+    from .distributed.cli import add_parser as add_batch
+    add_batch(sub)
     return parser
 
 

@@ -64,13 +64,14 @@ def _vtt(t: Transcript) -> str:
 
 
 def seglst(t: Transcript) -> list[dict]:
-    """One meeteval SegLST entry per segment."""
+    """One meeteval SegLST entry per segment; a recording with no speech gets one entry with empty
+    words, so it still names its session (meeteval refuses a set that lacks one)."""
     sid = session_id(t)
     return [
         {"session_id": sid, "speaker": s.speaker if s.speaker is not None else DEFAULT_SPEAKER,
          "start_time": round(s.start, 3), "end_time": round(s.end, 3), "words": _one_line(s.text)}
         for s in t.segments
-    ]
+    ] or [{"session_id": sid, "speaker": DEFAULT_SPEAKER, "start_time": 0.0, "end_time": 0.0, "words": ""}]
 
 
 def _seglst(t: Transcript) -> str:

@@ -1,0 +1,404 @@
+"""`murmur batch --ray`: the job on a Ray cluster, with Ray Core tasks and an actor pool.
+
+Why Ray Core and not Ray Data: a recording fans out into chunks that must come back together, in
+order, for one stitch and one diarization over the whole recording, and each output is written
+once per recording as soon as its last chunk is done. Ray Data streams rows through fixed-size
+`map_batches` calls and would need an all-to-all groupby (a barrier) to regroup chunks; an actor's
+engine also wants chunks to join its rows the moment rows free up (continuous batching), not in
+batches the data layer cuts. With Core, the driver is a small loop over object refs:
+
+- plan (`_plan`, a CPU task near the data): decode, VAD, chunk; returns a small meta object (the
+  driver reads it), the chunk groups (never fetched by the driver) and the speech regions;
+- transcribe (`Transcriber`, one per `actor_cpus` CPUs): loads the model once, takes chunk groups
+  of any recording into one continuously batched engine (murmur.distributed.feed), and returns each
+  chunk's segments; the groups of a long recording go to whichever actors have room;
+- finish: stitch (and diarize once, over the whole recording, in a task when asked), then the driver
+  writes DIR/<id>.<ext> atomically and appends the summary line.
+
+Backpressure: at most `max_recordings` recordings are planned or in flight, and each actor holds at
+most enough groups to fill its rows twice over, so audio is decoded only as fast as actors consume it.
+
+Retries, set deliberately: plan and diarize tasks are retried by Ray on a lost worker or node
+(PLAN_RETRIES; their lost outputs are rebuilt from lineage); an actor process that dies is restarted
+by Ray (ACTOR_RESTARTS), but its calls are not retried by Ray (max_task_retries=0): the driver puts
+their groups back in the queue for any live actor, since an actor on a dead node cannot restart until
+a node has room and Ray's retry would wait on it. A group is tried GROUP_ATTEMPTS times.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections import deque
+
+import ray
+from ray.exceptions import RayActorError, RayError, RayTaskError
+
+from murmur.distributed.job import OutputDir, Progress, _message, _report, plan_job, start_job, summary_line
+from murmur.errors import MurmurError
+
+PLAN_RETRIES = 3
+ACTOR_RESTARTS = 3
+GROUP_ATTEMPTS = 4
+STALL_S = 900.0  # no live actor this long: the rest of the job fails with a clear error
+
+# transcribe() arguments that shape the engine or the plan, not DecodingOptions
+_ENGINE_KEYS = ("batch_size", "kv_policy", "kv_opts", "encoder_sparsity", "seed", "queue_limit")
+_PLAN_KEYS = ("chunk_size", "vad_options")
+_AFTER_KEYS = ("diarize", "num_speakers", "min_speakers", "max_speakers", "diarize_options", "word_timestamps")
+
+
+def _one_thread() -> None:
+    import torch
+    torch.set_num_threads(1)
+    os.environ["MURMUR_THREADS"] = "1"
+
+
+@ray.remote(num_returns=3, num_cpus=0, max_retries=PLAN_RETRIES)
+def _plan(audio: str, spec: dict, chunks_per_task: int):
+    """Decode + VAD + chunk one recording. A bad file is a result (meta["error"]), not a retry."""
+    from murmur.audio import N_SAMPLES, SAMPLE_RATE, load_audio
+    from murmur.chunker import parse_chunk_size
+    from murmur.transcribe import _speech_regions, plan_chunks
+    _one_thread()
+    try:
+        samples = load_audio(audio)
+        chunk_size = spec.get("chunk_size", 30)
+        if isinstance(chunk_size, str):
+            chunk_size = parse_chunk_size(chunk_size)
+        plans, vad_s = plan_chunks(samples, chunk_size, spec.get("vad_options"))
+    except MurmurError as e:
+        return {"error": str(e)}, None, None
+    groups = [plans[i:i + chunks_per_task] for i in range(0, len(plans), chunks_per_task)]
+    meta = {"duration": len(samples) / SAMPLE_RATE, "groups": len(groups), "chunks": len(plans),
+            "vad_s": round(vad_s, 3), "sequential": chunk_size is None}
+    regions = None if chunk_size is None else _speech_regions(plans)
+    return meta, {"head": samples[:N_SAMPLES].copy(), "groups": groups}, regions
+
+
+@ray.remote(num_cpus=0, max_retries=PLAN_RETRIES)
+def _finish_diarized(audio: str, per_chunk: list, regions, spec: dict):
+    """Stitch and diarize over the whole recording (speaker labels stay global), as locally."""
+    from murmur.audio import load_audio
+    from murmur.transcribe import finish
+    _one_thread()
+    segments, turns, _, _ = finish(per_chunk, load_audio(audio), None, diarize=True, regions=regions,
+                                   **{k: spec[k] for k in _AFTER_KEYS[1:-1] if k in spec})
+    return segments, turns
+
+
+class _Line:
+    """One engine for one set of decoding options, run by its own thread."""
+
+    def __init__(self, loaded, opts, engine_kw: dict):
+        from murmur.distributed.feed import FeedScheduler
+        from murmur.engine import Engine
+        kv_policy = engine_kw.get("kv_policy")
+        if isinstance(kv_policy, str):
+            from murmur.kv.policies import parse_kv_policy
+            kv_policy = parse_kv_policy(kv_policy, engine_kw.get("kv_opts"), loaded)
+        hooks = []
+        if engine_kw.get("encoder_sparsity"):
+            from murmur.sparsify import parse_encoder_sparsity
+            hooks = parse_encoder_sparsity(engine_kw["encoder_sparsity"], loaded)
+        self.engine = Engine(loaded, opts, batch_size=engine_kw.get("batch_size", 16), kv_policy=kv_policy,
+                             encoder_hooks=hooks, seed=engine_kw.get("seed", 0))
+        self.scheduler = FeedScheduler(engine_kw.get("queue_limit") or 2 * self.engine.batch_size)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.engine.run(self.scheduler)
+        except BaseException as e:  # noqa: BLE001 - handed to every waiting caller
+            self.scheduler.stop(e)
+
+
+class Transcriber:
+    """A transcription actor: the model loaded once, torch threads = the CPUs Ray gave it."""
+
+    def __init__(self, model: str, device: str | None, compute_type: str, threads: int):
+        import torch
+
+        from murmur.transcribe import get_model
+        os.environ["MURMUR_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+        self.loaded = get_model(model, device, compute_type)
+        self.lines: dict[tuple, _Line] = {}
+        self.lock = threading.Lock()
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+
+    def transcribe(self, data: dict, gi: int, spec: dict):
+        from murmur.decoding import DecodingOptions
+        from murmur.transcribe import chunk_streams, decoding_options
+        fields = DecodingOptions.__dataclass_fields__
+        decode_kw = {k: v for k, v in spec.items() if k in fields and k not in ("beam_size", "language")}
+        opts = decoding_options(self.loaded, data["head"], beam_size=spec.get("beam_size", 1),
+                                language=spec.get("language"), **decode_kw)
+        engine_kw = {k: spec[k] for k in _ENGINE_KEYS if spec.get(k) is not None}
+        key = (opts, repr(sorted(engine_kw.items())))
+        with self.lock:
+            line = self.lines.get(key)
+            if line is None or line.scheduler.stopped:
+                line = self.lines[key] = _Line(self.loaded, opts, engine_kw)
+        streams = chunk_streams(self.loaded, data["groups"][gi], opts,
+                                spec.get("word_timestamps", False) or spec.get("diarize", False))
+        group = line.scheduler.add(streams)
+        group.event.wait()
+        if group.error is not None:
+            raise group.error
+        stats = {k: sum(getattr(s, k) for s in streams)
+                 for k in ("windows", "fallbacks", "skipped_no_speech", "dropped_repetitive")}
+        return [s.segments for s in streams], stats, self.loaded.name, opts.language
+
+
+_ACTOR = None
+
+
+def _actor_class():
+    global _ACTOR
+    if _ACTOR is None:
+        _ACTOR = ray.remote(Transcriber)
+    return _ACTOR
+
+
+class _Rec:
+    """What the driver holds for a recording in flight: refs and the finished chunks' segments."""
+    __slots__ = ("item", "spec", "t0", "meta", "data", "regions", "results", "left", "stats", "name", "lang")
+
+    def __init__(self, item, spec):
+        self.item, self.spec, self.t0 = item, spec, time.perf_counter()
+        self.meta = self.data = self.regions = None
+        self.results: list | None = None
+        self.left = 0
+        self.stats: dict = {}
+        self.name = self.lang = None
+
+
+class _Actor:
+    __slots__ = ("handle", "inflight", "ready", "probe", "info")
+
+    def __init__(self, handle):
+        self.handle, self.inflight, self.ready, self.probe, self.info = handle, 0, False, None, None
+
+
+def _system_error(e: BaseException) -> bool:
+    """A lost worker, actor, node or object: retry elsewhere. A RayTaskError is the code's own."""
+    return isinstance(e, RayError) and (isinstance(e, RayActorError) or not isinstance(e, RayTaskError))
+
+
+def _cause(e: BaseException) -> str:
+    cause = getattr(e, "cause", None) if isinstance(e, RayTaskError) else e
+    return _message(cause) if cause is not None else str(e).splitlines()[0]
+
+
+def run_ray(items, out: OutputDir, spec: dict, address: str | None = None, progress: bool = True,
+            actors: int | None = None, actor_cpus: float = 1.0, chunks_per_task: int = 4,
+            max_recordings: int | None = None, on_event=None) -> dict:
+    """Run the job on the Ray cluster at `address` (None: $RAY_ADDRESS, else a local Ray instance).
+    `on_event(name, info)` is called on actor ready/failed and group done (tests use it)."""
+    started = False
+    if not ray.is_initialized():
+        kw = {} if (address or os.environ.get("RAY_ADDRESS")) else {"include_dashboard": False}
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False, **kw)
+        started = True
+    try:
+        return _Driver(items, out, spec, actors, actor_cpus, chunks_per_task, max_recordings, progress,
+                       on_event).run()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class _Driver:
+    def __init__(self, items, out, spec, actors, actor_cpus, chunks_per_task, max_recordings, progress, on_event):
+        self.items, self.out, self.on_event = items, out, on_event or (lambda *a: None)
+        self.spec = {k: v for k, v in spec.items() if k not in ("model", "device", "compute_type")}
+        self.model = (spec.get("model", "tiny.en"), spec.get("device"), spec.get("compute_type", "auto"))
+        cpus = ray.cluster_resources().get("CPU", 1)
+        self.n_actors = actors or max(1, int(cpus // actor_cpus))
+        self.actor_cpus = actor_cpus
+        self.threads = max(1, round(actor_cpus))
+        self.chunks_per_task = max(1, chunks_per_task)
+        batch = int(self.spec.get("batch_size", 16))
+        self.cap = max(1, math.ceil(2 * batch / self.chunks_per_task))  # groups per actor: rows full twice over
+        self.max_recordings = max_recordings or 2 * self.n_actors * self.cap
+        self.progress = progress
+        self.replacements = 0
+
+    def _new_actor(self) -> _Actor:
+        cls = _actor_class().options(
+            num_cpus=self.actor_cpus, max_restarts=ACTOR_RESTARTS, max_task_retries=0,
+            max_concurrency=self.cap + 4)  # threads: one per group it holds, plus ready() probes
+        a = _Actor(cls.remote(*self.model, self.threads))
+        a.probe = a.handle.ready.remote()
+        return a
+
+    def run(self) -> dict:
+        todo, skip, bad = plan_job(self.items, self.out)
+        counts = {"ok": 0, "error": 0, "skipped": len(skip)}
+        bar = Progress(len(todo) + len(bad), self.progress, label="batch (ray)")
+        try:
+            start_job(self.out, bar, counts, skip, bad)
+            if todo:
+                self._loop(deque(todo), bar, counts)
+        finally:
+            bar.close()
+            self.out.compact(self.items)
+        return counts
+
+    def _loop(self, queue: deque, bar: Progress, counts: dict) -> None:
+        pool = [self._new_actor() for _ in range(self.n_actors)]
+        plans: dict = {}  # meta ref -> rec
+        calls: dict = {}  # call ref -> (rec, group index, actor, attempt)
+        finishing: dict = {}  # diarize ref -> rec
+        groups: deque = deque()  # (rec, group index, attempt) waiting for an actor
+        diarize_queue: deque = deque()  # (rec, per-chunk segments) waiting for a diarization task
+        active = 0
+        last_live = time.monotonic()
+
+        def done(rec: _Rec, line: dict) -> None:
+            nonlocal active
+            active -= 1
+            _report(self.out, bar, counts, line)
+            self.on_event("recording", line)
+
+        def fail(rec: _Rec, msg: str) -> None:
+            if rec.results is not None:
+                rec.results = None
+                for k in [k for k, v in calls.items() if v[0] is rec]:
+                    del calls[k]  # its other groups' answers are moot now
+            for i, g in reversed(list(enumerate(groups))):
+                if g[0] is rec:
+                    del groups[i]
+            done(rec, summary_line(rec.item, "error", self.out.formats, error=msg))
+
+        def write(rec: _Rec, segments, turns) -> None:
+            from murmur.types import Transcript
+            text = "".join(s.text for s in segments).strip()
+            wall = time.perf_counter() - rec.t0
+            stats = {"wall_s": round(wall, 3), "audio_s": round(rec.meta["duration"], 3),
+                     "chunks": rec.meta["chunks"], "vad_s": rec.meta["vad_s"], **rec.stats,
+                     "speakers": len({t.speaker for t in turns}), "runner": "ray"}
+            t = Transcript(text=text, duration=rec.meta["duration"], model=rec.name or self.model[0],
+                           segments=segments, language=rec.lang or self.spec.get("language") or "en",
+                           stats=stats, turns=turns)
+            try:
+                self.out.write_outputs(rec.item, t)
+            except (OSError, MurmurError) as e:
+                return done(rec, summary_line(rec.item, "error", self.out.formats, error=_message(e)))
+            done(rec, summary_line(rec.item, "ok", self.out.formats, t, wall))
+
+        def all_groups_done(rec: _Rec) -> None:
+            per_chunk = [segs for part in rec.results for segs in part]
+            rec.results = None
+            if rec.spec.get("diarize") and rec.meta["chunks"]:
+                diarize_queue.append((rec, per_chunk))
+                return
+            from murmur.transcribe import finish
+            segments, turns, _, _ = finish(per_chunk, None, None)
+            write(rec, segments, turns)
+
+        while queue or active:
+            # planning tasks reserve no CPU (the actors hold the CPUs), so their number is bounded
+            # here: each new one could start a worker process of its own
+            while queue and active < self.max_recordings and len(plans) < self.n_actors + 1:
+                it = queue.popleft()
+                rec = _Rec(it, {**self.spec, **it.options})
+                rec.meta, rec.data, rec.regions = _plan.remote(it.audio, rec.spec, self.chunks_per_task)
+                plans[rec.meta] = rec
+                active += 1
+            live = [a for a in pool if a.ready]
+            if live:
+                last_live = time.monotonic()
+            elif time.monotonic() - last_live > STALL_S:
+                raise MurmurError(f"no transcription actor alive for {STALL_S:.0f} s; rerun to finish the job")
+            while groups:
+                room = [a for a in live if a.inflight < self.cap]
+                if not room:
+                    break
+                a = min(room, key=lambda a: a.inflight)
+                rec, gi, attempt = groups.popleft()
+                ref = a.handle.transcribe.remote(rec.data, gi, rec.spec)
+                calls[ref] = (rec, gi, a, attempt)
+                a.inflight += 1
+            while diarize_queue and len(finishing) < self.n_actors:
+                rec, per_chunk = diarize_queue.popleft()
+                finishing[_finish_diarized.remote(rec.item.audio, per_chunk, rec.regions, rec.spec)] = rec
+            probes = {a.probe: a for a in pool if a.probe is not None}
+            waiting = [*plans, *calls, *finishing, *probes]
+            if not waiting:
+                time.sleep(0.05)
+                continue
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
+            if ready:
+                ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
+            for ref in ready:
+                if ref in probes:
+                    a = probes[ref]
+                    a.probe = None
+                    try:
+                        a.info = ray.get(ref)
+                        a.ready = True
+                        self.on_event("actor_ready", a.info)
+                    except RayError as e:  # restarts used up: replace it, within bounds
+                        pool.remove(a)
+                        self.on_event("actor_dead", str(e).splitlines()[0])
+                        if self.replacements < 2 * self.n_actors:
+                            self.replacements += 1
+                            pool.append(self._new_actor())
+                elif ref in plans:
+                    rec = plans.pop(ref)
+                    try:
+                        meta = ray.get(ref)
+                    except RayError as e:
+                        fail(rec, f"planning failed: {_cause(e)}")
+                        continue
+                    if meta.get("error"):
+                        rec.meta = None
+                        fail(rec, meta["error"])
+                        continue
+                    rec.meta = meta
+                    rec.results, rec.left = [None] * meta["groups"], meta["groups"]
+                    if not meta["groups"]:  # no speech: nothing to decode, still one output per format
+                        rec.results = []
+                        all_groups_done(rec)
+                    groups.extend((rec, gi, 0) for gi in range(meta["groups"]))
+                elif ref in calls:
+                    rec, gi, a, attempt = calls.pop(ref)
+                    a.inflight -= 1
+                    try:
+                        segs, stats, rec.name, rec.lang = ray.get(ref)
+                    except RayError as e:
+                        if not _system_error(e):
+                            fail(rec, _cause(e))
+                            continue
+                        self.on_event("group_lost", {"id": rec.item.id, "group": gi, "error": type(e).__name__})
+                        if a.ready and a.probe is None:  # wait for Ray to restart it (or give up on it)
+                            a.ready = False
+                            a.probe = a.handle.ready.remote()
+                        if attempt + 1 >= GROUP_ATTEMPTS:
+                            fail(rec, f"chunk group {gi} lost {GROUP_ATTEMPTS} times: {_cause(e)}")
+                        else:
+                            groups.appendleft((rec, gi, attempt + 1))
+                        continue
+                    if rec.results is None or rec.results[gi] is not None:
+                        continue  # the recording failed meanwhile, or a duplicate answer
+                    rec.results[gi] = segs
+                    for k, v in stats.items():
+                        rec.stats[k] = rec.stats.get(k, 0) + v
+                    rec.left -= 1
+                    if rec.left == 0:
+                        rec.data = None  # drop the ref: the chunks' audio can leave the object store
+                        all_groups_done(rec)
+                elif ref in finishing:
+                    rec = finishing.pop(ref)
+                    try:
+                        segments, turns = ray.get(ref)
+                    except RayError as e:
+                        fail(rec, f"diarization failed: {_cause(e)}")
+                        continue
+                    write(rec, segments, turns)
