@@ -388,6 +388,7 @@ class _Driver:
                     if rec.results is None or rec.results[gi] is not None:
                         continue  # the recording failed meanwhile, or a duplicate answer
                     rec.results[gi] = segs
+                    self.on_event("group_done", {"id": rec.item.id, "group": gi, **(a.info or {})})
                     for k, v in stats.items():
                         rec.stats[k] = rec.stats.get(k, 0) + v
                     rec.left -= 1

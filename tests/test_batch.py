@@ -1,0 +1,103 @@
+"""murmur batch, local path: inputs, bad items, summary, reruns; a silent recording scores in meeteval."""
+import json
+import wave
+
+import numpy as np
+import pytest
+
+from murmur.distributed.inputs import expand
+from murmur.distributed.job import OutputDir, run_local
+
+
+def _silent(path, seconds=4.0):
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(np.zeros(int(16000 * seconds), np.int16).tobytes())
+    return path
+
+
+def _summary(out):
+    return [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+
+
+def test_inputs_folders_manifests_and_bad_lines(tmp_path, data_dir):
+    m = tmp_path / "m.jsonl"
+    m.write_text("\n".join([
+        json.dumps({"audio": str(data_dir / "jfk" / "jfk.flac"), "id": "kennedy", "word_timestamps": True}),
+        json.dumps({"audio": "x.wav", "beam_sise": 2}),  # typo: an error, never run with defaults
+        "{not json",
+        json.dumps({"audio": str(data_dir / "jfk" / "jfk.flac")}),
+        json.dumps({"audio": str(data_dir / "jfk" / "jfk.flac")}),  # same id twice
+    ]) + "\n")
+    items = expand([str(data_dir / "sonnets"), str(m), str(tmp_path / "missing.wav")])
+    by = {it.id: it for it in items}
+    assert {"p001", "p002", "p003", "kennedy", "jfk", "missing"} <= set(by)
+    assert by["kennedy"].options == {"word_timestamps": True} and by["kennedy"].error is None
+    errors = [it.error for it in items if it.error]
+    assert any("unknown option(s) beam_sise" in e for e in errors)
+    assert any("not JSON" in e for e in errors)
+    assert any("duplicate id 'jfk'" in e for e in errors)
+    assert by["missing"].error is None  # decoding reports it, per item
+    assert len({it.id for it in items}) == len(items)
+
+
+def test_local_batch_bad_items_rerun_and_silent_seglst_in_meeteval(tmp_path, data_dir, tiny):
+    import meeteval.io
+    import meeteval.wer
+    jfk = data_dir / "jfk" / "jfk.flac"
+    silent = _silent(tmp_path / "silent.wav")
+    (tmp_path / "bad.wav").write_text("not audio")
+    (tmp_path / "empty.wav").write_bytes(b"")
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"audio": str(jfk), "id": "jfk-words", "word_timestamps": True}) + "\n")
+    inputs = [str(jfk), str(silent), str(tmp_path / "missing.wav"), str(tmp_path / "bad.wav"),
+              str(tmp_path / "empty.wav"), str(m)]
+    out = tmp_path / "out"
+    spec = {"model": tiny, "diarize": False}
+    counts = run_local(expand(inputs), OutputDir(out, ["txt", "json", "seglst"]), spec, progress=False)
+    assert counts == {"ok": 3, "error": 3, "skipped": 0}
+    lines = {x["id"]: x for x in _summary(out)}
+    assert [x["id"] for x in _summary(out)] == ["jfk", "silent", "missing", "bad", "empty", "jfk-words"]
+    assert "not found" in lines["missing"]["error"] and "empty" in lines["empty"]["error"]
+    assert "not a readable audio file" in lines["bad"]["error"]
+    assert lines["jfk"]["words"] > 15 and lines["silent"]["words"] == 0 and lines["jfk"]["duration"] == 11.0
+    # the manifest's per-item option reached that item only
+    assert "words" in json.loads((out / "jfk-words.json").read_text())["segments"][0]
+    assert "words" not in json.loads((out / "jfk.json").read_text())["segments"][0]
+    assert not list(out.glob(".*tmp"))
+
+    # the silent recording names its session, so meeteval scores the whole batch
+    silent_entries = json.loads((out / "silent.seglst").read_text())
+    assert silent_entries == [{"session_id": "silent", "speaker": "spk0", "start_time": 0.0, "end_time": 0.0,
+                               "words": ""}]
+    hyp = meeteval.io.SegLST([e for f in ("jfk", "silent") for e in json.loads((out / f"{f}.seglst").read_text())])
+    words = (data_dir / "jfk" / "jfk.txt").read_text()
+    from murmur.scoring import normalize
+    ref = meeteval.io.SegLST([
+        {"session_id": "jfk", "speaker": "A", "start_time": 0.0, "end_time": 11.0, "words": normalize(words)},
+        {"session_id": "silent", "speaker": "A", "start_time": 0.0, "end_time": 0.0, "words": ""}])
+    hyp = hyp.map(lambda e: {**e, "words": normalize(e["words"])})
+    res = meeteval.wer.cpwer(ref, hyp)
+    assert set(res) == {"jfk", "silent"} and res["silent"].errors == 0
+    assert res["jfk"].error_rate < 0.2
+
+    # rerun: nothing redone; a recording missing an output is redone, alone
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "summary.jsonl"}
+    counts = run_local(expand(inputs), OutputDir(out, ["txt", "json", "seglst"]), spec, progress=False)
+    assert counts == {"ok": 0, "error": 3, "skipped": 3}
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "summary.jsonl"} == before
+    (out / "jfk.json").unlink()
+    counts = run_local(expand(inputs), OutputDir(out, ["txt", "json", "seglst"]), spec, progress=False)
+    assert counts == {"ok": 1, "error": 3, "skipped": 2}
+    assert (out / "jfk.json").exists() and (out / "silent.txt").stat().st_mtime_ns == before["silent.txt"]
+    assert [x["id"] for x in _summary(out)] == ["jfk", "silent", "missing", "bad", "empty", "jfk-words"]
+    assert {x["id"]: x["status"] for x in _summary(out)}["silent"] == "skipped"
+
+
+def test_batch_cli_help_and_bad_format(capsys):
+    from murmur.cli import main
+    with pytest.raises(SystemExit):
+        main(["batch", "--help"])
+    assert "--ray" in capsys.readouterr().out
+    assert main(["batch", "x.wav", "--out", "/tmp/never", "-f", "txt,docx"]) == 1
+    assert "unknown output format docx" in capsys.readouterr().err
