@@ -41,6 +41,7 @@ from murmur.errors import MurmurError
 PLAN_RETRIES = 3
 ACTOR_RESTARTS = 3
 GROUP_ATTEMPTS = 4
+WARMUP_S = 120.0  # how long the job's start waits for all actors to load the model
 STALL_S = 900.0  # no live actor this long: the rest of the job fails with a clear error
 
 # transcribe() arguments that shape the engine or the plan, not DecodingOptions
@@ -133,7 +134,9 @@ class Transcriber:
 
     def transcribe(self, data: dict, gi: int, spec: dict):
         from murmur.decoding import DecodingOptions
-        from murmur.transcribe import chunk_streams, decoding_options
+        import numpy as np
+
+        from murmur.transcribe import ChunkPlan, chunk_streams, decoding_options
         fields = DecodingOptions.__dataclass_fields__
         decode_kw = {k: v for k, v in spec.items() if k in fields and k not in ("beam_size", "language")}
         opts = decoding_options(self.loaded, data["head"], beam_size=spec.get("beam_size", 1),
@@ -144,7 +147,10 @@ class Transcriber:
             line = self.lines.get(key)
             if line is None or line.scheduler.stopped:
                 line = self.lines[key] = _Line(self.loaded, opts, engine_kw)
-        streams = chunk_streams(self.loaded, data["groups"][gi], opts,
+        # own copies: the object store's read-only views are not aligned like a fresh array, and
+        # the mel then differs in the last bits (a timestamp moved by 40 ms in a test)
+        plans = [ChunkPlan([np.array(p) for p in c.pieces], c.time_map) for c in data["groups"][gi]]
+        streams = chunk_streams(self.loaded, plans, opts,
                                 spec.get("word_timestamps", False) or spec.get("diarize", False))
         group = line.scheduler.add(streams)
         group.event.wait()
@@ -259,6 +265,7 @@ class _Driver:
         diarize_queue: deque = deque()  # (rec, per-chunk segments) waiting for a diarization task
         active = 0
         last_live = time.monotonic()
+        warmup = last_live + WARMUP_S
 
         def done(rec: _Rec, line: dict) -> None:
             nonlocal active
@@ -312,8 +319,11 @@ class _Driver:
                 plans[rec.meta] = rec
                 active += 1
             live = [a for a in pool if a.ready]
+            if len(live) < len(pool) and time.monotonic() < warmup:
+                live = []  # the first groups wait for every actor, so they spread over all of them
             if live:
                 last_live = time.monotonic()
+        warmup = last_live + WARMUP_S
             elif time.monotonic() - last_live > STALL_S:
                 raise MurmurError(f"no transcription actor alive for {STALL_S:.0f} s; rerun to finish the job")
             while groups:
