@@ -99,6 +99,58 @@ def _speech_regions(plans: list[ChunkPlan]) -> list[tuple[float, float]]:
             for p in plans for piece, t in zip(p.pieces, p.time_map.dst)]
 
 
+# --- the pipeline's parts, shared by Job and murmur.distributed (plan, decode and finish there
+# run in different processes): rules -> chunk streams -> stitch + diarize ----------------------
+
+def decoding_options(loaded: LoadedModel, audio: np.ndarray, o: TranscribeOptions):
+    """(DecodingOptions, tokenizer, language) of a recording: the language detected on multilingual
+    models from the first 30 s (so `audio` may be just those)."""
+    opts = o.decoding_options()
+    tok = loaded.tokenizer
+    if tok.multilingual and opts.language is None and len(audio):
+        opts = opts.with_(language=detect_language(loaded, audio)[0])
+    lang = opts.language or "en"
+    if not tok.multilingual and lang != "en":
+        raise MurmurError(f"model {loaded.name} is English-only; language {lang!r} is not supported")
+    if not tok.multilingual and opts.task == "translate":
+        raise MurmurError(f"model {loaded.name} is English-only; it cannot translate")
+    # each job its own tokenizer: language and task belong to the request, so concurrent
+    # jobs never see each other's (the copy shares the BPE)
+    return opts, replace(tok, language=lang, task=opts.task), lang
+
+
+def chunk_streams(loaded: LoadedModel, plans: list[ChunkPlan], opts, tokenizer, language: str,
+                  word_timestamps: bool = False) -> list[ChunkStream]:
+    """One stream per chunk; chunks are independent, so any engine may decode any of them."""
+    return [ChunkStream(p.pieces, tokenizer, opts, p.time_map, index=i, n_text_ctx=loaded.model.dims.n_text_ctx,
+                        language=language, word_timestamps=word_timestamps, model=loaded)
+            for i, p in enumerate(plans)]
+
+
+def finish(per_chunk: list[list], audio: np.ndarray | None, plans: list[ChunkPlan] | None, o: TranscribeOptions,
+           regions: list[tuple[float, float]] | None = None):
+    """Stitch the chunks' segments (in chunk order); diarize when `o.diarize`, once over the whole
+    recording, so speaker labels are global. `plans` None: sequential mode (the diarizer runs its own
+    VAD); `regions` stands in for the plans' speech regions where the plans are elsewhere.
+    Returns (segments, turns, stitch_s, diarize_s)."""
+    from murmur.output.stitcher import stitch
+    t0 = time.perf_counter()
+    segments = stitch(per_chunk)
+    stitch_s = time.perf_counter() - t0
+    turns, diarize_s = [], 0.0
+    if o.diarize:
+        from murmur.speakers.diarize import assign_speakers
+        from murmur.speakers.diarize import diarize as run_diarization
+        t_d = time.perf_counter()
+        if regions is None and plans is not None:
+            regions = _speech_regions(plans)
+        turns = run_diarization(audio, num_speakers=o.num_speakers, min_speakers=o.min_speakers,
+                                max_speakers=o.max_speakers, options=o.diarize_options, regions=regions)
+        segments = assign_speakers(segments, turns)
+        diarize_s = time.perf_counter() - t_d
+    return segments, turns, stitch_s, diarize_s
+
+
 class Job:
     """One recording through the pipeline, whatever scheduler feeds its chunk streams to an engine:
     plan chunks -> ChunkStreams -> (engine) -> stitch -> diarize -> Transcript. `transcribe()` runs one
@@ -109,24 +161,11 @@ class Job:
         self.loaded, self.source, self.o = loaded, source, o
         self.audio = audio
         self.duration = len(audio) / SAMPLE_RATE
-        opts = o.decoding_options()
-        tok = loaded.tokenizer
-        if tok.multilingual and opts.language is None and len(audio):
-            opts = opts.with_(language=detect_language(loaded, audio)[0])
-        lang = self.language = opts.language or "en"
-        if not tok.multilingual and lang != "en":
-            raise MurmurError(f"model {loaded.name} is English-only; language {lang!r} is not supported")
-        if not tok.multilingual and opts.task == "translate":
-            raise MurmurError(f"model {loaded.name} is English-only; it cannot translate")
-        # each job its own tokenizer: language and task belong to the request, so concurrent
-        # jobs never see each other's (the copy shares the BPE)
-        self.tokenizer = replace(tok, language=lang, task=opts.task)
-        self.options = opts
+        self.options, self.tokenizer, lang = decoding_options(loaded, audio, o)
+        self.language = lang
         self.plans, self.vad_s = plan_chunks(audio, o.chunk_size, o.vad_options)
-        self.streams = [ChunkStream(p.pieces, self.tokenizer, opts, p.time_map, index=i,
-                                    n_text_ctx=loaded.model.dims.n_text_ctx, language=lang,
-                                    word_timestamps=o.word_timestamps or o.diarize, model=loaded)
-                        for i, p in enumerate(self.plans)]
+        self.streams = chunk_streams(loaded, self.plans, self.options, self.tokenizer, lang,
+                                     o.word_timestamps or o.diarize)
         self.speech_seconds = sum(p.n_samples for p in self.plans) / SAMPLE_RATE
         self._emitted = 0
 
@@ -145,20 +184,8 @@ class Job:
     def finish(self, stats: dict | None = None) -> Transcript:
         """Stitch the streams' segments, diarize if asked, and close the job."""
         o = self.o
-        t_stitch = time.perf_counter()
-        from murmur.output.stitcher import stitch
-        segments = stitch([s.segments for s in self.streams])
-        stitch_s = time.perf_counter() - t_stitch
-        turns, diarize_s = [], 0.0
-        if o.diarize:
-            from murmur.speakers.diarize import assign_speakers
-            from murmur.speakers.diarize import diarize as run_diarization
-            t_d = time.perf_counter()
-            turns = run_diarization(self.audio, num_speakers=o.num_speakers, min_speakers=o.min_speakers,
-                                    max_speakers=o.max_speakers, options=o.diarize_options,
-                                    regions=None if o.chunk_size is None else _speech_regions(self.plans))
-            segments = assign_speakers(segments, turns)
-            diarize_s = time.perf_counter() - t_d
+        segments, turns, stitch_s, diarize_s = finish([s.segments for s in self.streams], self.audio,
+                                                      None if o.chunk_size is None else self.plans, o)
         self.audio = None
         wall = time.perf_counter() - self.t_start
         streams = self.streams

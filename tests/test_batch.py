@@ -34,7 +34,7 @@ def test_inputs_folders_manifests_and_bad_lines(tmp_path, data_dir):
     assert {"p001", "p002", "p003", "kennedy", "jfk", "missing"} <= set(by)
     assert by["kennedy"].options == {"word_timestamps": True} and by["kennedy"].error is None
     errors = [it.error for it in items if it.error]
-    assert any("unknown option(s) beam_sise" in e for e in errors)
+    assert any("unknown option 'beam_sise'" in e for e in errors)
     assert any("not JSON" in e for e in errors)
     assert any("duplicate id 'jfk'" in e for e in errors)
     assert by["missing"].error is None  # decoding reports it, per item
@@ -53,8 +53,9 @@ def test_local_batch_bad_items_rerun_and_silent_seglst_in_meeteval(tmp_path, dat
     inputs = [str(jfk), str(silent), str(tmp_path / "missing.wav"), str(tmp_path / "bad.wav"),
               str(tmp_path / "empty.wav"), str(m)]
     out = tmp_path / "out"
-    spec = {"model": tiny, "diarize": False}
-    counts = run_local(expand(inputs), OutputDir(out, ["txt", "json", "seglst"]), spec, progress=False)
+    from murmur.options import TranscribeOptions
+    o = TranscribeOptions()
+    counts = run_local(expand(inputs), OutputDir(out, ["txt", "json", "seglst"]), tiny, o, progress=False)
     assert counts == {"ok": 3, "error": 3, "skipped": 0}
     lines = {x["id"]: x for x in _summary(out)}
     assert [x["id"] for x in _summary(out)] == ["jfk", "silent", "missing", "bad", "empty", "jfk-words"]
@@ -72,7 +73,7 @@ def test_local_batch_bad_items_rerun_and_silent_seglst_in_meeteval(tmp_path, dat
                                "words": ""}]
     hyp = meeteval.io.SegLST([e for f in ("jfk", "silent") for e in json.loads((out / f"{f}.seglst").read_text())])
     words = (data_dir / "jfk" / "jfk.txt").read_text()
-    from murmur.scoring import normalize
+    from murmur.eval.scoring import normalize
     ref = meeteval.io.SegLST([
         {"session_id": "jfk", "speaker": "A", "start_time": 0.0, "end_time": 11.0, "words": normalize(words)},
         {"session_id": "silent", "speaker": "A", "start_time": 0.0, "end_time": 0.0, "words": ""}])
@@ -83,11 +84,11 @@ def test_local_batch_bad_items_rerun_and_silent_seglst_in_meeteval(tmp_path, dat
 
     # rerun: nothing redone; a recording missing an output is redone, alone
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "summary.jsonl"}
-    counts = run_local(expand(inputs), OutputDir(out, ["txt", "json", "seglst"]), spec, progress=False)
+    counts = run_local(expand(inputs), OutputDir(out, ["txt", "json", "seglst"]), tiny, o, progress=False)
     assert counts == {"ok": 0, "error": 3, "skipped": 3}
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "summary.jsonl"} == before
     (out / "jfk.json").unlink()
-    counts = run_local(expand(inputs), OutputDir(out, ["txt", "json", "seglst"]), spec, progress=False)
+    counts = run_local(expand(inputs), OutputDir(out, ["txt", "json", "seglst"]), tiny, o, progress=False)
     assert counts == {"ok": 1, "error": 3, "skipped": 2}
     assert (out / "jfk.json").exists() and (out / "silent.txt").stat().st_mtime_ns == before["silent.txt"]
     assert [x["id"] for x in _summary(out)] == ["jfk", "silent", "missing", "bad", "empty", "jfk-words"]

@@ -15,7 +15,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from murmur import writers  # noqa: E402
+from murmur.output import writers  # noqa: E402
 from murmur.distributed.inputs import expand  # noqa: E402
 from murmur.distributed.job import OutputDir  # noqa: E402
 from murmur.transcribe import transcribe  # noqa: E402
@@ -75,7 +75,8 @@ def _same_segments(got, t):
 
 def _run(items, out, fmts, **kw):
     from murmur.distributed.ray_job import run_ray
-    return run_ray(items, OutputDir(out, fmts), {"model": "tiny.en", "diarize": False}, progress=False, **kw)
+    from murmur.options import TranscribeOptions
+    return run_ray(items, OutputDir(out, fmts), "tiny.en", TranscribeOptions(), progress=False, **kw)
 
 
 def test_ray_batch_matches_local_and_reports_bad_items(cluster, clips, local, tmp_path):
@@ -101,7 +102,7 @@ def test_ray_batch_matches_local_and_reports_bad_items(cluster, clips, local, tm
 
 
 def test_long_recording_fans_out_over_both_nodes(cluster, clips, tiny, tmp_path):
-    from murmur.audio import load_audio
+    from murmur.audio.decode import load_audio
     gap = np.zeros(8000, np.float32)
     audio = np.concatenate([x for c in clips[:14] for x in (load_audio(c), gap)])
     path = tmp_path / "long.wav"

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
 def add_parser(sub) -> None:
     from murmur.cli import _add_decode_args
-    from murmur.writers import FORMATS
+    from murmur.output.writers import FORMATS
     p = sub.add_parser("batch", help="transcribe many recordings into a folder, locally or on a Ray cluster",
                        description="Inputs are audio files, folders (searched for audio) or JSONL manifests "
                                    "({\"audio\": PATH, \"id\": ..., other transcribe options}). Writes "
@@ -31,31 +30,28 @@ def add_parser(sub) -> None:
 
 
 def cmd_batch(args) -> int:
-    from murmur.cli import _decode_kwargs
+    from murmur.cli import _options
     from murmur.distributed.inputs import expand
     from murmur.distributed.job import OutputDir, run_local
     from murmur.errors import MurmurError
-    from murmur.writers import FORMATS
+    from murmur.output.writers import FORMATS
 
     formats = list(dict.fromkeys(f.strip() for fs in (args.format or ["txt"]) for f in fs.split(",") if f.strip()))
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise MurmurError(f"unknown output format {', '.join(bad)}; choose from {', '.join(FORMATS)}")
-    if args.threads:
-        os.environ["MURMUR_THREADS"] = str(args.threads)
-    spec = _decode_kwargs(args)
-    spec["compute_type"] = args.compute_type
-    spec["diarize"] = args.diarize if args.diarize is not None else bool({"seglst", "rttm", "stm"} & set(formats))
+    diarize = args.diarize if args.diarize is not None else bool({"seglst", "rttm", "stm"} & set(formats))
+    options = _options(args, diarize=diarize)
     items = expand(args.inputs)
     out = OutputDir(args.out, formats)
     if args.ray is None:
-        counts = run_local(items, out, spec, progress=not args.quiet)
+        counts = run_local(items, out, args.model, options, progress=not args.quiet)
     else:
         try:
             from murmur.distributed.ray_job import run_ray
         except ImportError as e:
             raise MurmurError(f"--ray needs Ray: pip install 'murmur-asr[ray]' ({e})") from None
-        counts = run_ray(items, out, spec, address=args.ray or None, progress=not args.quiet, actors=args.actors,
-                         actor_cpus=args.actor_cpus, chunks_per_task=args.chunks_per_task)
+        counts = run_ray(items, out, args.model, options, address=args.ray or None, progress=not args.quiet,
+                         actors=args.actors, actor_cpus=args.actor_cpus, chunks_per_task=args.chunks_per_task)
     print(json.dumps({**counts, "summary": str(out.summary)}), file=sys.stderr)
     return 1 if counts["error"] else 0

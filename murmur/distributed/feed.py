@@ -9,8 +9,8 @@ from __future__ import annotations
 import threading
 from collections import deque
 
-from murmur.longform import ChunkStream
-from murmur.scheduler import StreamScheduler
+from murmur.engine.longform import ChunkStream
+from murmur.engine.scheduler import StreamScheduler
 
 
 class _Group:

@@ -1,7 +1,6 @@
 """What a batch job runs over: files, folders (searched for audio) and JSONL manifests, as items."""
 from __future__ import annotations
 
-import inspect
 import json
 import re
 from dataclasses import dataclass, field
@@ -19,30 +18,27 @@ class Item:
     """One recording of the job. `error` set: the item is reported as such and never run."""
     id: str
     audio: str
-    options: dict = field(default_factory=dict)  # per-item transcribe() keyword arguments
+    options: dict = field(default_factory=dict)  # the manifest's per-item options, as written
     error: str | None = None
 
 
-def _option_names() -> set[str]:
-    from murmur.decoding import DecodingOptions
-    from murmur.transcribe import transcribe
-    names = {p for p in inspect.signature(transcribe).parameters if p not in ("audio", "model", "progress",
-                                                                              "device", "compute_type")}
-    return (names | set(DecodingOptions.__dataclass_fields__)) - {"options", "decode_kw", "encoder_hooks",
-                                                                 "vad_options", "diarize_options"}
-
-
-def item_options(raw: dict, where: str) -> dict:
-    """A manifest line's options as transcribe() keyword arguments; an unknown key is an error, so a
+def item_options(base, raw: dict):
+    """`base` (a TranscribeOptions) with a manifest line's options over it. The line's text values
+    parse as in TranscribeOptions.from_mapping, and an unknown key is an error (OptionsError), so a
     typo never runs the item with defaults."""
-    allowed = _option_names()
-    bad = sorted(set(raw) - allowed)
-    if bad:
-        raise MurmurError(f"{where}: unknown option(s) {', '.join(bad)}")
-    out = dict(raw)
-    if isinstance(out.get("temperature"), list):
-        out["temperature"] = tuple(float(t) for t in out["temperature"])
-    return out
+    from dataclasses import fields
+
+    from murmur.options import _ALIASES, TranscribeOptions
+    if not raw:
+        return base
+    parsed = TranscribeOptions.from_mapping(raw)
+    own = {f.name for f in fields(TranscribeOptions)}
+    kw = {}
+    for key in raw:
+        name = str(key).strip().replace("-", "_")
+        name = _ALIASES.get(name, name)
+        kw[name] = getattr(parsed, name) if name in own else getattr(parsed.decoding, name)
+    return base.with_(**kw)
 
 
 def safe_id(s: str) -> str:
@@ -68,7 +64,12 @@ def _manifest(path: Path) -> list[Item]:
             audio = Path(rec["audio"])
             if not audio.is_absolute():
                 audio = path.parent / audio  # relative to the manifest, so it can travel with its audio
-            opts = item_options({k: v for k, v in rec.items() if k not in ("audio", "id")}, where)
+            opts = {k: v for k, v in rec.items() if k not in ("audio", "id")}
+            try:
+                from murmur.options import TranscribeOptions
+                item_options(TranscribeOptions(), opts)  # checked now: a bad line is reported, not run
+            except MurmurError as e:
+                raise MurmurError(f"{where}: {e}") from None
             items.append(Item(safe_id(rec.get("id") or audio.stem), str(audio), opts))
         except (ValueError, MurmurError) as e:
             msg = str(e) if isinstance(e, MurmurError) else f"{where}: not JSON ({e})"

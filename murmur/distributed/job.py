@@ -51,7 +51,7 @@ class OutputDir:
         return self.path / f"{id_}.{fmt}"
 
     def write_outputs(self, item: Item, transcript) -> None:
-        from murmur import writers
+        from murmur.output import writers
         # session ids come from the source's stem: make it the item's id (a manifest may rename)
         transcript.source = str(Path(item.audio).with_name(item.id + (Path(item.audio).suffix or ".wav")))
         texts = {f: writers.render(transcript, f) for f in self.formats}  # render all before writing any
@@ -148,20 +148,22 @@ def plan_job(items: list[Item], out: OutputDir) -> tuple[list[Item], list[Item],
     return todo, skip, bad
 
 
-def run_local(items: list[Item], out: OutputDir, spec: dict, progress: bool = True) -> dict:
-    """One recording after another through murmur.transcribe, in this process."""
-    from murmur.transcribe import get_model, transcribe
+def run_local(items: list[Item], out: OutputDir, model, options, progress: bool = True) -> dict:
+    """One recording after another through murmur.transcribe, in this process. `model` is a name or
+    a LoadedModel; `options` a TranscribeOptions, each item's manifest options over it."""
+    from murmur.distributed.inputs import item_options
+    from murmur.models.loading import get_model
+    from murmur.transcribe import transcribe
     todo, skip, bad = plan_job(items, out)
     counts = {"ok": 0, "error": 0, "skipped": len(skip)}
     bar = Progress(len(todo) + len(bad), progress)
     try:
         start_job(out, bar, counts, skip, bad)
-        loaded = get_model(spec.get("model", "tiny.en"), spec.get("device"), spec.get("compute_type", "auto"))
+        loaded = get_model(model, options.device, options.compute_type)
         for it in todo:
-            kw = {**spec, **it.options, "model": loaded}
             t0 = time.perf_counter()
             try:
-                t = transcribe(it.audio, **kw)
+                t = transcribe(it.audio, loaded, item_options(options, it.options))
                 out.write_outputs(it, t)
                 line = summary_line(it, "ok", out.formats, t, time.perf_counter() - t0)
             except (MurmurError, OSError, ValueError) as e:  # the recording's own fault: report, go on

@@ -35,6 +35,7 @@ from collections import deque
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
+from murmur.distributed.inputs import item_options
 from murmur.distributed.job import OutputDir, Progress, _message, _report, plan_job, start_job, summary_line
 from murmur.errors import MurmurError
 
@@ -44,12 +45,6 @@ GROUP_ATTEMPTS = 4
 WARMUP_S = 120.0  # how long the job's start waits for all actors to load the model
 STALL_S = 900.0  # no live actor this long: the rest of the job fails with a clear error
 
-# transcribe() arguments that shape the engine or the plan, not DecodingOptions
-_ENGINE_KEYS = ("batch_size", "kv_policy", "kv_opts", "encoder_sparsity", "seed", "queue_limit")
-_PLAN_KEYS = ("chunk_size", "vad_options")
-_AFTER_KEYS = ("diarize", "num_speakers", "min_speakers", "max_speakers", "diarize_options", "word_timestamps")
-
-
 def _one_thread() -> None:
     import torch
     torch.set_num_threads(1)
@@ -57,55 +52,50 @@ def _one_thread() -> None:
 
 
 @ray.remote(num_returns=3, num_cpus=0, max_retries=PLAN_RETRIES)
-def _plan(audio: str, spec: dict, chunks_per_task: int):
+def _plan(audio: str, o, chunks_per_task: int):
     """Decode + VAD + chunk one recording. A bad file is a result (meta["error"]), not a retry."""
-    from murmur.audio import N_SAMPLES, SAMPLE_RATE, load_audio
-    from murmur.chunker import parse_chunk_size
+    from murmur.audio.decode import N_SAMPLES, SAMPLE_RATE, load_audio
     from murmur.transcribe import _speech_regions, plan_chunks
     _one_thread()
     try:
         samples = load_audio(audio)
-        chunk_size = spec.get("chunk_size", 30)
-        if isinstance(chunk_size, str):
-            chunk_size = parse_chunk_size(chunk_size)
-        plans, vad_s = plan_chunks(samples, chunk_size, spec.get("vad_options"))
+        plans, vad_s = plan_chunks(samples, o.chunk_size, o.vad_options)
     except MurmurError as e:
         return {"error": str(e)}, None, None
     groups = [plans[i:i + chunks_per_task] for i in range(0, len(plans), chunks_per_task)]
     meta = {"duration": len(samples) / SAMPLE_RATE, "groups": len(groups), "chunks": len(plans),
-            "vad_s": round(vad_s, 3), "sequential": chunk_size is None}
-    regions = None if chunk_size is None else _speech_regions(plans)
+            "vad_s": round(vad_s, 3)}
+    regions = None if o.chunk_size is None else _speech_regions(plans)
     return meta, {"head": samples[:N_SAMPLES].copy(), "groups": groups}, regions
 
 
 @ray.remote(num_cpus=0, max_retries=PLAN_RETRIES)
-def _finish_diarized(audio: str, per_chunk: list, regions, spec: dict):
+def _finish_diarized(audio: str, per_chunk: list, regions, o):
     """Stitch and diarize over the whole recording (speaker labels stay global), as locally."""
-    from murmur.audio import load_audio
+    from murmur.audio.decode import load_audio
     from murmur.transcribe import finish
     _one_thread()
-    segments, turns, _, _ = finish(per_chunk, load_audio(audio), None, diarize=True, regions=regions,
-                                   **{k: spec[k] for k in _AFTER_KEYS[1:-1] if k in spec})
+    segments, turns, _, _ = finish(per_chunk, load_audio(audio), None, o, regions=regions)
     return segments, turns
 
 
 class _Line:
     """One engine for one set of decoding options, run by its own thread."""
 
-    def __init__(self, loaded, opts, engine_kw: dict):
+    def __init__(self, loaded, opts, o):
         from murmur.distributed.feed import FeedScheduler
-        from murmur.engine import Engine
-        kv_policy = engine_kw.get("kv_policy")
+        from murmur.engine.runner import Engine
+        kv_policy = o.kv_policy
         if isinstance(kv_policy, str):
-            from murmur.kv.policies import parse_kv_policy
-            kv_policy = parse_kv_policy(kv_policy, engine_kw.get("kv_opts"), loaded)
-        hooks = []
-        if engine_kw.get("encoder_sparsity"):
-            from murmur.sparsify import parse_encoder_sparsity
-            hooks = parse_encoder_sparsity(engine_kw["encoder_sparsity"], loaded)
-        self.engine = Engine(loaded, opts, batch_size=engine_kw.get("batch_size", 16), kv_policy=kv_policy,
-                             encoder_hooks=hooks, seed=engine_kw.get("seed", 0))
-        self.scheduler = FeedScheduler(engine_kw.get("queue_limit") or 2 * self.engine.batch_size)
+            from murmur.engine.kv.policies import parse_kv_policy
+            kv_policy = parse_kv_policy(kv_policy, o.kv_opts, loaded)
+        hooks = list(o.encoder_hooks)
+        if o.encoder_sparsity:
+            from murmur.engine.sparsify import parse_encoder_sparsity
+            hooks += parse_encoder_sparsity(o.encoder_sparsity, loaded)
+        self.engine = Engine(loaded, opts, batch_size=o.batch_size, kv_policy=kv_policy, encoder_hooks=hooks,
+                             seed=o.seed)
+        self.scheduler = FeedScheduler(o.queue_limit or 2 * self.engine.batch_size)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -122,7 +112,7 @@ class Transcriber:
     def __init__(self, model: str, device: str | None, compute_type: str, threads: int):
         import torch
 
-        from murmur.transcribe import get_model
+        from murmur.models.loading import get_model
         os.environ["MURMUR_THREADS"] = str(threads)
         torch.set_num_threads(threads)
         self.loaded = get_model(model, device, compute_type)
@@ -132,33 +122,29 @@ class Transcriber:
     def ready(self) -> dict:
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
-    def transcribe(self, data: dict, gi: int, spec: dict):
-        from murmur.decoding import DecodingOptions
+    def transcribe(self, data: dict, gi: int, o):
         import numpy as np
 
         from murmur.transcribe import ChunkPlan, chunk_streams, decoding_options
-        fields = DecodingOptions.__dataclass_fields__
-        decode_kw = {k: v for k, v in spec.items() if k in fields and k not in ("beam_size", "language")}
-        opts = decoding_options(self.loaded, data["head"], beam_size=spec.get("beam_size", 1),
-                                language=spec.get("language"), **decode_kw)
-        engine_kw = {k: spec[k] for k in _ENGINE_KEYS if spec.get(k) is not None}
-        key = (opts, repr(sorted(engine_kw.items())))
+        opts, tok, lang = decoding_options(self.loaded, data["head"], o)
+        # one engine per set of rules: recordings with the same options share its rows
+        key = (opts, lang, o.batch_size, repr(o.kv_policy), repr(o.kv_opts), o.encoder_sparsity, o.encoder_hooks,
+               o.seed, o.queue_limit)
         with self.lock:
             line = self.lines.get(key)
             if line is None or line.scheduler.stopped:
-                line = self.lines[key] = _Line(self.loaded, opts, engine_kw)
+                line = self.lines[key] = _Line(self.loaded, opts, o)
         # own copies: the object store's read-only views are not aligned like a fresh array, and
         # the mel then differs in the last bits (a timestamp moved by 40 ms in a test)
         plans = [ChunkPlan([np.array(p) for p in c.pieces], c.time_map) for c in data["groups"][gi]]
-        streams = chunk_streams(self.loaded, plans, opts,
-                                spec.get("word_timestamps", False) or spec.get("diarize", False))
+        streams = chunk_streams(self.loaded, plans, opts, tok, lang, o.word_timestamps or o.diarize)
         group = line.scheduler.add(streams)
         group.event.wait()
         if group.error is not None:
             raise group.error
         stats = {k: sum(getattr(s, k) for s in streams)
                  for k in ("windows", "fallbacks", "skipped_no_speech", "dropped_repetitive")}
-        return [s.segments for s in streams], stats, self.loaded.name, opts.language
+        return [s.segments for s in streams], stats, self.loaded.name, lang
 
 
 _ACTOR = None
@@ -173,10 +159,10 @@ def _actor_class():
 
 class _Rec:
     """What the driver holds for a recording in flight: refs and the finished chunks' segments."""
-    __slots__ = ("item", "spec", "t0", "meta", "data", "regions", "results", "left", "stats", "name", "lang")
+    __slots__ = ("item", "o", "t0", "meta", "data", "regions", "results", "left", "stats", "name", "lang")
 
-    def __init__(self, item, spec):
-        self.item, self.spec, self.t0 = item, spec, time.perf_counter()
+    def __init__(self, item, o):
+        self.item, self.o, self.t0 = item, o, time.perf_counter()
         self.meta = self.data = self.regions = None
         self.results: list | None = None
         self.left = 0
@@ -201,10 +187,11 @@ def _cause(e: BaseException) -> str:
     return _message(cause) if cause is not None else str(e).splitlines()[0]
 
 
-def run_ray(items, out: OutputDir, spec: dict, address: str | None = None, progress: bool = True,
+def run_ray(items, out: OutputDir, model: str, options, address: str | None = None, progress: bool = True,
             actors: int | None = None, actor_cpus: float = 1.0, chunks_per_task: int = 4,
             max_recordings: int | None = None, on_event=None) -> dict:
-    """Run the job on the Ray cluster at `address` (None: $RAY_ADDRESS, else a local Ray instance).
+    """Run the job on the Ray cluster at `address` (None: $RAY_ADDRESS, else a local Ray instance):
+    `model` by name (each actor loads it), `options` a TranscribeOptions, items' manifest options over it.
     `on_event(name, info)` is called on actor ready/failed and group done (tests use it)."""
     started = False
     if not ray.is_initialized():
@@ -212,7 +199,7 @@ def run_ray(items, out: OutputDir, spec: dict, address: str | None = None, progr
         ray.init(address=address, logging_level="WARNING", log_to_driver=False, **kw)
         started = True
     try:
-        return _Driver(items, out, spec, actors, actor_cpus, chunks_per_task, max_recordings, progress,
+        return _Driver(items, out, model, options, actors, actor_cpus, chunks_per_task, max_recordings, progress,
                        on_event).run()
     finally:
         if started:
@@ -220,16 +207,16 @@ def run_ray(items, out: OutputDir, spec: dict, address: str | None = None, progr
 
 
 class _Driver:
-    def __init__(self, items, out, spec, actors, actor_cpus, chunks_per_task, max_recordings, progress, on_event):
+    def __init__(self, items, out, model, options, actors, actor_cpus, chunks_per_task, max_recordings, progress, on_event):
         self.items, self.out, self.on_event = items, out, on_event or (lambda *a: None)
-        self.spec = {k: v for k, v in spec.items() if k not in ("model", "device", "compute_type")}
-        self.model = (spec.get("model", "tiny.en"), spec.get("device"), spec.get("compute_type", "auto"))
+        self.options = options.with_(progress=False)
+        self.model = (str(model), options.device, options.compute_type)
         cpus = ray.cluster_resources().get("CPU", 1)
         self.n_actors = actors or max(1, int(cpus // actor_cpus))
         self.actor_cpus = actor_cpus
         self.threads = max(1, round(actor_cpus))
         self.chunks_per_task = max(1, chunks_per_task)
-        batch = int(self.spec.get("batch_size", 16))
+        batch = options.batch_size
         self.cap = max(1, math.ceil(2 * batch / self.chunks_per_task))  # groups per actor: rows full twice over
         self.max_recordings = max_recordings or 2 * self.n_actors * self.cap
         self.progress = progress
@@ -291,7 +278,7 @@ class _Driver:
                      "chunks": rec.meta["chunks"], "vad_s": rec.meta["vad_s"], **rec.stats,
                      "speakers": len({t.speaker for t in turns}), "runner": "ray"}
             t = Transcript(text=text, duration=rec.meta["duration"], model=rec.name or self.model[0],
-                           segments=segments, language=rec.lang or self.spec.get("language") or "en",
+                           segments=segments, language=rec.lang or rec.o.language or "en",
                            stats=stats, turns=turns)
             try:
                 self.out.write_outputs(rec.item, t)
@@ -302,11 +289,11 @@ class _Driver:
         def all_groups_done(rec: _Rec) -> None:
             per_chunk = [segs for part in rec.results for segs in part]
             rec.results = None
-            if rec.spec.get("diarize") and rec.meta["chunks"]:
+            if rec.o.diarize and rec.meta["chunks"]:
                 diarize_queue.append((rec, per_chunk))
                 return
             from murmur.transcribe import finish
-            segments, turns, _, _ = finish(per_chunk, None, None)
+            segments, turns, _, _ = finish(per_chunk, None, None, rec.o.with_(diarize=False))
             write(rec, segments, turns)
 
         while queue or active:
@@ -314,8 +301,8 @@ class _Driver:
             # here: each new one could start a worker process of its own
             while queue and active < self.max_recordings and len(plans) < self.n_actors + 1:
                 it = queue.popleft()
-                rec = _Rec(it, {**self.spec, **it.options})
-                rec.meta, rec.data, rec.regions = _plan.remote(it.audio, rec.spec, self.chunks_per_task)
+                rec = _Rec(it, item_options(self.options, it.options))
+                rec.meta, rec.data, rec.regions = _plan.remote(it.audio, rec.o, self.chunks_per_task)
                 plans[rec.meta] = rec
                 active += 1
             live = [a for a in pool if a.ready]
@@ -323,7 +310,6 @@ class _Driver:
                 live = []  # the first groups wait for every actor, so they spread over all of them
             if live:
                 last_live = time.monotonic()
-        warmup = last_live + WARMUP_S
             elif time.monotonic() - last_live > STALL_S:
                 raise MurmurError(f"no transcription actor alive for {STALL_S:.0f} s; rerun to finish the job")
             while groups:
@@ -332,12 +318,12 @@ class _Driver:
                     break
                 a = min(room, key=lambda a: a.inflight)
                 rec, gi, attempt = groups.popleft()
-                ref = a.handle.transcribe.remote(rec.data, gi, rec.spec)
+                ref = a.handle.transcribe.remote(rec.data, gi, rec.o)
                 calls[ref] = (rec, gi, a, attempt)
                 a.inflight += 1
             while diarize_queue and len(finishing) < self.n_actors:
                 rec, per_chunk = diarize_queue.popleft()
-                finishing[_finish_diarized.remote(rec.item.audio, per_chunk, rec.regions, rec.spec)] = rec
+                finishing[_finish_diarized.remote(rec.item.audio, per_chunk, rec.regions, rec.o)] = rec
             probes = {a.probe: a for a in pool if a.probe is not None}
             waiting = [*plans, *calls, *finishing, *probes]
             if not waiting:
