@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     from murmur.serve.cli import add_parser as add_serve
     add_serve(sub)
     from .distributed.cli import add_parser as add_batch
-    add_batch(sub)
+    add_batch(sub, _add_decode_args, _options)
     return parser
 
 

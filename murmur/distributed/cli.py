@@ -6,8 +6,9 @@ import json
 import sys
 
 
-def add_parser(sub) -> None:
-    from murmur.cli import _add_decode_args
+def add_parser(sub, add_decode_args, make_options) -> None:
+    """`add_decode_args(parser)` and `make_options(args, **kw)` are murmur.cli's, passed in so this
+    module never imports murmur.cli (which imports it)."""
     from murmur.output.writers import FORMATS
     p = sub.add_parser("batch", help="transcribe many recordings into a folder, locally or on a Ray cluster",
                        description="Inputs are audio files, folders (searched for audio) or JSONL manifests "
@@ -17,7 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", "-o", required=True, help="output folder")
     p.add_argument("--format", "-f", action="append", default=None,
                    help=f"output format, repeatable or comma-separated: {', '.join(FORMATS)} (default txt)")
-    _add_decode_args(p)
+    add_decode_args(p)
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run on the Ray cluster at ADDRESS (default: $RAY_ADDRESS, else a local Ray instance); "
                         "needs the ray extra")
@@ -26,11 +27,10 @@ def add_parser(sub) -> None:
     p.add_argument("--chunks-per-task", type=int, default=4, help="chunks per actor call: smaller spreads a long "
                                                                    "recording over more actors")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_batch)
+    p.set_defaults(func=cmd_batch, make_options=make_options)
 
 
 def cmd_batch(args) -> int:
-    from murmur.cli import _options
     from murmur.distributed.inputs import expand
     from murmur.distributed.job import OutputDir, run_local
     from murmur.errors import MurmurError
@@ -41,7 +41,7 @@ def cmd_batch(args) -> int:
     if bad:
         raise MurmurError(f"unknown output format {', '.join(bad)}; choose from {', '.join(FORMATS)}")
     diarize = args.diarize if args.diarize is not None else bool({"seglst", "rttm", "stm"} & set(formats))
-    options = _options(args, diarize=diarize)
+    options = args.make_options(args, diarize=diarize)
     items = expand(args.inputs)
     out = OutputDir(args.out, formats)
     if args.ray is None:
