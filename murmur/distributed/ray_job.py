@@ -264,7 +264,7 @@ class _Driver:
             if rec.results is not None:
                 rec.results = None
                 for k in [k for k, v in calls.items() if v[0] is rec]:
-                    del calls[k]  # its other groups' answers are moot now
+                    calls.pop(k)[2].inflight -= 1  # its other groups' answers are moot now
             for i, g in reversed(list(enumerate(groups))):
                 if g[0] is rec:
                     del groups[i]
