@@ -134,8 +134,7 @@ class Transcriber:
             line = self.lines.get(key)
             if line is None or line.scheduler.stopped:
                 line = self.lines[key] = _Line(self.loaded, opts, o)
-        # own copies: the object store's read-only views are not aligned like a fresh array, and
-        # the mel then differs in the last bits (a timestamp moved by 40 ms in a test)
+        # writable copies of the object store's read-only arrays, held only while the group decodes
         plans = [ChunkPlan([np.array(p) for p in c.pieces], c.time_map) for c in data["groups"][gi]]
         streams = chunk_streams(self.loaded, plans, opts, tok, lang, o.word_timestamps or o.diarize)
         group = line.scheduler.add(streams)
