@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve(sub)
     from .distributed.cli import add_parser as add_batch
     add_batch(sub, _add_decode_args, _options)
+    from murmur.stream.cli import add_parser as add_stream
+    add_stream(sub)
     return parser
 
 

@@ -79,6 +79,7 @@ class StreamEvent:
     kind: str  # speech_started | speech_stopped | turn_completed
     time: float  # stream seconds
     text: str = ""  # turn_completed: the turn's committed text
+    after: int = 0  # how many of the result's committed words came before it
 
 
 @dataclass
@@ -95,7 +96,13 @@ class StreamResult:
     def tentative_text(self) -> str:
         return "".join(w.word for w in self.tentative)
 
+    def add(self, ev: StreamEvent) -> None:
+        ev.after = len(self.committed)
+        self.events.append(ev)
+
     def extend(self, other: "StreamResult") -> None:
+        for ev in other.events:
+            ev.after += len(self.committed)
         self.committed += other.committed
         self.tentative = other.tentative
         self.events += other.events
@@ -212,12 +219,12 @@ class StreamingTranscriber:
                 if self.turn_open:
                     res.extend(self._update(pos, final=False))
             elif ev.kind == "speech_started":
-                res.events.append(StreamEvent(ev.kind, ev.time))
+                res.add(StreamEvent(ev.kind, ev.time))
                 if not self.turn_open:
                     self.turn_open = True
                     self._drop_until(self._n(ev.time))
             else:
-                res.events.append(StreamEvent(ev.kind, ev.time))
+                res.add(StreamEvent(ev.kind, ev.time))
                 if self.turn_open:
                     res.extend(self._end_turn(pos))
         if not self.turn_open:
@@ -234,6 +241,15 @@ class StreamingTranscriber:
         if self.vad is None:
             self.turn_open = True
         return res
+
+    def clear(self) -> None:
+        """Drop the audio and words not yet committed (the committed context and VAD state stay)."""
+        self._check_open()
+        self.context = (self.context + [t for w in self.in_buffer for t in w.tokens])[-self.opts.prompt_tokens:]
+        self.in_buffer, self.turn_text = [], []
+        self.history.clear()
+        self._drop_until(self.received)
+        self.turn_open = self.vad is None
 
     def close(self) -> StreamResult:
         if self.closed:
@@ -287,7 +303,7 @@ class StreamingTranscriber:
     def _end_turn(self, pos: int) -> StreamResult:
         res = self._update(pos, final=True) if self.turn_open else StreamResult()
         text = "".join(self.turn_text).strip()
-        res.events.append(StreamEvent("turn_completed", pos / SAMPLE_RATE, text))
+        res.add(StreamEvent("turn_completed", pos / SAMPLE_RATE, text))
         res.tentative = []
         self.turn_text = []
         self.stats["turns"] += 1
