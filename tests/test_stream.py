@@ -1,0 +1,191 @@
+"""Live transcription (murmur.stream) on real speech, played as fast as it decodes (feed() needs
+no real clock: updates happen at fixed audio positions)."""
+import asyncio
+import base64
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from murmur.errors import MurmurError
+from murmur.scoring import wer
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def jfk(jfk_path):
+    from murmur.audio.decode import load_audio
+    return load_audio(jfk_path)
+
+
+def _play(st, audio, piece_s):
+    """Feed in pieces; returns (words in commit order, results)."""
+    n = max(1, int(round(piece_s * SR)))
+    words, results = [], []
+    for i in range(0, len(audio), n):
+        r = st.feed(audio[i:i + n])
+        results.append(r)
+        words += r.committed
+    r = st.close()
+    results.append(r)
+    words += r.committed
+    return words, results
+
+
+def test_piece_size_does_not_change_commits_and_committed_text_is_final(tiny, jfk):
+    from murmur.stream.transcriber import StreamingTranscriber, StreamOptions
+    opts = StreamOptions(step_s=1.0)
+    small, res_small = _play(StreamingTranscriber(tiny, opts), jfk, 0.02)
+    big, _ = _play(StreamingTranscriber(tiny, opts), jfk, 1.0)
+    assert [w.word for w in small] == [w.word for w in big]
+    assert max(abs(a.start - b.start) + abs(a.end - b.end) for a, b in zip(small, big)) <= 0.2
+    text = "".join(w.word for w in small)
+    assert wer("And so my fellow Americans ask not what your country can do for you ask what you can do "
+               "for your country.", text)["wer"] <= 0.15
+    # what was committed stays: each turn's transcript is exactly the words committed for it, in
+    # order, and times never go back
+    turns = [e.text for r in res_small for e in r.events if e.kind == "turn_completed"]
+    assert " ".join(t for t in turns if t) == " ".join(text.split())
+    assert all(b.start >= a.end - 1e-6 for a, b in zip(small, small[1:]))
+
+
+def test_every_word_once_across_trims(tiny, data_dir):
+    """Three LJSpeech sentences back to back, no turn detection: the buffer is cut at committed
+    sentence ends, and the committed words match the offline transcript (none lost or doubled)."""
+    import murmur
+    from murmur.audio.decode import load_audio
+    from murmur.stream.transcriber import StreamingTranscriber, StreamOptions
+    audio = np.concatenate([load_audio(data_dir / "ljspeech" / f"LJ001-00{i}.flac") for i in ("02", "08", "09")])
+    st = StreamingTranscriber(tiny, StreamOptions(vad=False, step_s=1.0, trim_s=3.0))
+    words, _ = _play(st, audio, 0.5)
+    assert st.stats["trims"] >= 2
+    offline = murmur.transcribe(audio, tiny).text
+    got = "".join(w.word for w in words)
+    w = wer(offline, got)
+    assert w["wer"] <= 0.08, (offline, got)
+    assert w["ins"] + w["dele"] <= 2, (offline, got)
+
+
+def test_silence_and_bad_input(tiny):
+    from murmur.stream.transcriber import StreamingTranscriber, StreamOptions
+    st = StreamingTranscriber(tiny, StreamOptions())
+    sizes = []
+    for _ in range(600):  # ten minutes of silence: nothing decoded, memory flat
+        r = st.feed(np.zeros(SR, np.float32))
+        assert not r.committed
+        sizes.append(st.memory_bytes())
+    assert st.stats["updates"] == 0 and max(sizes) < 64_000 and sizes[-1] == sizes[10]
+    with pytest.raises(MurmurError):
+        st.feed(np.array([0.0, np.nan], np.float32))
+    with pytest.raises(MurmurError):
+        st.feed(b"\x00\x01\x02")
+    assert not st.close().committed
+    with pytest.raises(MurmurError):
+        st.feed(np.zeros(10, np.float32))
+    with pytest.raises(MurmurError):
+        StreamOptions(policy="wait-k")
+
+
+def test_priority_scheduler_serves_live_first():
+    from murmur.engine import Request
+    from murmur.stream.scheduler import FILE, LIVE, PriorityScheduler
+
+    class Files:
+        def __init__(self):
+            self.reqs = [Request(mel=None, prompt=[], tag=f"f{i}") for i in range(6)]
+
+        def pop_ready(self, n):
+            out, self.reqs = self.reqs[:n], self.reqs[n:]
+            return out
+
+        def complete(self, req):
+            pass
+
+        def finished(self):
+            return not self.reqs
+
+    s = PriorityScheduler(reserve_live=1)
+    s.add_source(Files(), FILE)
+    s.submit(Request(mel=None, prompt=[], tag="live"), LIVE)
+    got = [r.tag for r in s.pop_ready(4)]
+    assert got == ["live", "f0", "f1"]  # live first; one row kept back for live streams
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_realtime_websocket_jfk(tiny, jfk):
+    """A plain websockets client speaking OpenAI's realtime transcription events to a live server
+    on 127.0.0.1: errors for bad input, a client that drops mid-word, deltas and completed turns."""
+    import uvicorn
+    import websockets
+
+    from murmur.stream.realtime import create_app
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(tiny), host="127.0.0.1", port=port, log_level="warning",
+                                           ws="websockets-sansio", lifespan="on"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    url = f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription"
+    # 24 kHz pcm16 (the default format), JFK then a second of silence to end the last turn
+    import av
+    rs = av.AudioResampler(format="s16", layout="mono", rate=24000)
+    f = av.AudioFrame.from_ndarray((np.concatenate([jfk, np.zeros(SR, np.float32)]) * 32767)
+                                   .astype(np.int16)[None], format="s16", layout="mono")
+    f.sample_rate = SR
+    pcm = b"".join(o.to_ndarray().tobytes() for o in rs.resample(f) + rs.resample(None))
+
+    async def drop_mid_word():
+        async with websockets.connect(url) as ws:
+            await ws.recv()
+            await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                      "audio": base64.b64encode(pcm[48000 * 2:48000 * 3]).decode()}))
+        # closed without a commit: the server must just let it go
+
+    async def client():
+        async with websockets.connect(url) as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            await ws.send(json.dumps({"type": "session.update", "session": {"input_audio_format": "pcm16",
+                                                                           "input_audio_rate": 44100}}))
+            bad = json.loads(await ws.recv())
+            assert bad["type"] == "error" and bad["error"]["code"] == "unsupported_sample_rate"
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": "%%% not base64"}))
+            assert json.loads(await ws.recv())["error"]["code"] == "invalid_base64"
+            await ws.send("not json")
+            assert json.loads(await ws.recv())["type"] == "error"
+            await drop_mid_word()
+            step = 24000 * 2 // 10  # 100 ms pieces
+            for i in range(0, len(pcm), step):
+                await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                          "audio": base64.b64encode(pcm[i:i + step]).decode()}))
+            deltas, done, kinds = [], [], set()
+            while " ".join(done).lower().count("country") < 2:
+                ev = json.loads(await asyncio.wait_for(ws.recv(), 120))
+                kinds.add(ev["type"])
+                if ev["type"].endswith("transcription.delta"):
+                    deltas.append(ev["delta"])
+                elif ev["type"].endswith("transcription.completed"):
+                    done.append(ev["transcript"])
+            return deltas, done, kinds
+
+    try:
+        deltas, done, kinds = asyncio.run(asyncio.wait_for(client(), 240))
+    finally:
+        server.should_exit = True
+        th.join(15)
+    assert {"input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped"} <= kinds
+    text = " ".join(done)
+    assert wer("And so my fellow Americans ask not what your country can do for you ask what you can do "
+               "for your country.", text)["wer"] <= 0.15, text
+    assert " ".join(" ".join(deltas).split()) == " ".join(text.split())
