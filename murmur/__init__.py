@@ -11,9 +11,10 @@ from murmur.engine.decoding import DecodingOptions  # noqa: E402
 from murmur.errors import AudioError, ModelError, MurmurError, OptionsError
 from murmur.models.loading import load_model
 from murmur.options import TranscribeOptions
+from murmur.stream.transcriber import StreamingTranscriber, StreamOptions
 from murmur.transcribe import transcribe
 from murmur.types import Segment, Transcript, Turn, Word
 
 __all__ = ["transcribe", "load_model", "TranscribeOptions", "DecodingOptions", "Transcript", "Segment", "Word",
-           "Turn", "MurmurError", "AudioError", "ModelError", "OptionsError"]
+           "Turn", "MurmurError", "AudioError", "ModelError", "OptionsError", "StreamingTranscriber", "StreamOptions"]
 __version__ = "0.1.0"

@@ -113,7 +113,8 @@ def test_murmur_exports_only_the_public_api():
     assert sorted(murmur.__all__) == sorted([
         "transcribe", "load_model", "TranscribeOptions", "DecodingOptions",
         "MurmurError", "AudioError", "ModelError", "OptionsError",
-        "Segment", "Transcript", "Turn", "Word"])
+        "Segment", "Transcript", "Turn", "Word",
+        "StreamingTranscriber", "StreamOptions"])  # issue 14: murmur.StreamingTranscriber(model, ...)
     assert murmur.__version__
     # nothing else public at the top: the rest is imported by its full path
     tree = ast.parse((PKG / "__init__.py").read_text(encoding="utf-8"))

@@ -40,7 +40,7 @@ def _norm(w: str) -> str:
 
 def load_clips(names: list[str], max_seconds: float) -> list[Clip]:
     """Recordings for the bench: whole source clips of each set, up to max_seconds of them."""
-    from murmur.bench import dataset as ds
+    from murmur.eval.bench import dataset as ds
     out = []
     for name in names:
         if name == "ljspeech":
@@ -106,7 +106,7 @@ def _pct(xs: list[float], q: float) -> float | None:
 
 def main(args) -> int:
     from murmur.models.loading import get_model
-    from murmur.scoring import wer
+    from murmur.eval.scoring import wer
     from murmur.stream.scheduler import SharedEngine
     from murmur.stream.transcriber import StreamingTranscriber, StreamOptions
     from murmur.transcribe import set_threads, transcribe
@@ -153,7 +153,9 @@ def main(args) -> int:
                            wer=_mean(wers), offline_wer=off_wer, wer_vs_offline=_mean(vs_off),
                            wer_rel=(_mean(wers) / off_wer - 1) if off_wer and wers else None,
                            median_s=_pct(lat, 50), p90_s=_pct(lat, 90), words=len(lat), errors=errors,
-                           updates=sum(o.get("stats", {}).get("updates", 0) for o in outs))
+                           updates=sum(o.get("stats", {}).get("updates", 0) for o in outs),
+                           update_s=_mean([(o["stats"]["decode_s"] + o["stats"]["align_s"]) / o["stats"]["updates"]
+                                           for o in outs if o.get("stats", {}).get("updates")]))
                 rows.append(row)
                 print(_fmt(row), file=sys.stderr, flush=True)
     print(_table(rows))
@@ -181,7 +183,7 @@ def _f(x, scale=1.0, nd=2):
 def _fmt(r) -> str:
     return (f"{r['set']} {r['policy']} x{r['streams']}: WER {_f(r['wer'], 100)} % (offline {_f(r['offline_wer'], 100)} %,"
             f" vs offline {_f(r['wer_vs_offline'], 100)} %), latency median {_f(r['median_s'])} s p90 {_f(r['p90_s'])} s,"
-            f" {r['words']} words, {r['errors']} errors")
+            f" {r['words']} words, {_f(r['update_s'])} s an update, {r['errors']} errors")
 
 
 def _table(rows) -> str:

@@ -15,8 +15,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from murmur.decoding import DecodingOptions
-from murmur.engine import Engine, Request
+from murmur.engine.decoding import DecodingOptions
+from murmur.engine.runner import Engine, Request
 
 LIVE = 0
 FILE = 10

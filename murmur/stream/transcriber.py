@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from murmur.audio.decode import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
-from murmur.decoding import DecodingOptions, compression_ratio
-from murmur.engine import Engine, Request
+from murmur.engine.decoding import DecodingOptions, compression_ratio
+from murmur.engine.runner import Engine, Request
 from murmur.errors import MurmurError
 from murmur.stream.vad import StreamingVad
-from murmur.timing import cross_attention, merge_punctuations, split_words, timings_from_path, token_frames
+from murmur.speakers.timing import cross_attention, merge_punctuations, split_words, timings_from_path, token_frames
 from murmur.types import Word
 
 POLICIES = ("local-agreement", "align-att")
@@ -190,6 +190,7 @@ class StreamingTranscriber:
         self.last_end = 0.0  # end of the last committed word
         self.turn_text: list[str] = []
         self.updates = 0
+        self.last_tokens: list[int] = []  # the last update's decode
         self.stats = {"updates": 0, "decode_s": 0.0, "align_s": 0.0, "trims": 0, "turns": 0}
 
     # --- public ------------------------------------------------------------------------------
@@ -325,8 +326,10 @@ class StreamingTranscriber:
         def looping(tokens: list[int]) -> bool:
             return self._ratio(tokens) > o.compression_ratio_threshold
 
+        # tag["draft"]: the last update's tokens on the same buffer start, for a speculative decoder
+        # that verifies a draft and decodes only past where it diverges (issue 15's recycle source)
         return Request(mel=mel, prompt=prompt, temperature=0.0, sample_len=sample_len, owner=self,
-                       tag=None, stop_check=looping, key=(self.id, self.updates))
+                       tag={"draft": list(self.last_tokens)}, stop_check=looping, key=(self.id, self.updates))
 
     def _ratio(self, tokens: list[int]) -> float:
         return compression_ratio(self.tok.decode([t for t in tokens if t < self.tok.eot]))
@@ -339,6 +342,7 @@ class StreamingTranscriber:
         t0 = time.perf_counter()
         req = self.decoder.decode(self._request(audio))
         self.stats["decode_s"] += time.perf_counter() - t0
+        self.last_tokens = list(req.tokens)
         text = [t for t in req.tokens if t < tok.eot]
         if not text or req.stopped or self._ratio(text) > o.compression_ratio_threshold:
             return []
@@ -433,6 +437,7 @@ class StreamingTranscriber:
     def _drop_until(self, sample: int) -> None:
         sample = min(max(sample, self.buffer_start), self.received)
         if sample > self.buffer_start:
+            self.last_tokens = []  # its timestamps were on the old buffer's clock
             self.buffer = self.buffer[sample - self.buffer_start:].copy()
             self.buffer_start = sample
 
