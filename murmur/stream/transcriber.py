@@ -20,8 +20,10 @@ audio is cut into pieces never changes what is committed.
 """
 from __future__ import annotations
 
+import difflib
 import itertools
 import re
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -335,7 +337,6 @@ class StreamingTranscriber:
         return compression_ratio(self.tok.decode([t for t in tokens if t < self.tok.eot]))
 
     def _hypothesis(self, audio: np.ndarray) -> list[_W]:
-        import time
         o, tok = self.opts, self.tok
         self.updates += 1
         self.stats["updates"] += 1
@@ -387,7 +388,6 @@ class StreamingTranscriber:
         k = len(a)
         if b[:k] == a:
             return hyp[k:]
-        import difflib
         sm = difflib.SequenceMatcher(None, a, b[: k + 3], autojunk=False)
         blocks = [m for m in sm.get_matching_blocks() if m.size]
         if blocks and blocks[-1].a + blocks[-1].size == k and sum(m.size for m in blocks) * 2 >= k:
