@@ -172,7 +172,8 @@ class _Session:
             self.prompt = tr.get("prompt") or self.prompt
         if td_present:
             self.turn_detection = td is not None
-        self.st = None  # made with these settings on the first audio
+        if self.st is not None and not self.st.received:
+            self.st = None  # made again with these settings on the first audio
         await self.send({"type": "transcription_session.updated" if legacy else "session.updated",
                          "session": self.config()})
 
