@@ -315,10 +315,17 @@ def create_app(config: ServerConfig, hub: Hub | None = None) -> FastAPI:
     async def lifespan(app):
         yield
         hub.close()
+        live = getattr(app.state, "stream_engine", None)
+        if live is not None:
+            live.close()
 
     app = FastAPI(title="Murmur", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible speech recognition; concurrent requests share one engine.")
     app.state.hub, app.state.metrics = hub, metrics
+    # WS /v1/realtime?intent=transcription (murmur.stream): live streams on the hub's default model
+    from murmur.stream.realtime import router as realtime_router
+    app.state.model = hub.models[hub.default_model]
+    app.include_router(realtime_router)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
