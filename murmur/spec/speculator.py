@@ -1,0 +1,164 @@
+"""What the engine talks to: the draft sources of a run, each row's adaptive draft length, and the
+acceptance rule of speculative sampling.
+
+The engine (murmur.engine) asks `propose` for each busy row's draft before a step, feeds the row's
+pending token and the draft in one forward, keeps the longest prefix greedy decoding (or speculative
+sampling) would have produced and rolls the rest back in the KV cache. Sources plug in here, like KV
+policies into the cache: the model code never changes for them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from murmur.decoding import sample
+from murmur.errors import MurmurError
+
+
+@dataclass
+class Draft:
+    tokens: list[int]
+    conf: list[float] | None = None  # the source's probability of each token (mtp's threshold mode)
+
+
+class DraftSource:
+    """One source. `propose` returns up to `k` tokens expected to follow the row's tokens so far
+    (act.seqs[j]; its last one is the row's pending token, fed next)."""
+    name = "source"
+
+    def admit(self, engine, act) -> None:
+        pass
+
+    def propose(self, engine, act, j: int, row: int, k: int) -> Draft | None:
+        return None
+
+    def after_forward(self, engine, hi: int, index) -> None:
+        """After a verify forward: `index[r]` is the position of row r whose logits chose its pending token."""
+
+    def describe(self) -> str:
+        return self.name
+
+
+def speculative_sample(p: Tensor, draft: list[int], generator: torch.Generator,
+                       q: Tensor | None = None) -> tuple[int, int]:
+    """Speculative sampling over `p` [n+1, V] (the target's distribution at each draft position) and
+    the draft's tokens, drawn from `q` [n, V] (None: a deterministic draft, q one-hot). Token i is
+    accepted with probability min(1, p/q); the first rejected one is resampled from max(0, p - q)
+    normalised, so the output follows p exactly. Returns (accepted tokens, the next token)."""
+    for i, t in enumerate(draft):
+        qt = 1.0 if q is None else float(q[i, t])
+        u = float(torch.rand(1, generator=generator, dtype=torch.float64, device=p.device))
+        if u * qt < float(p[i, t]):
+            continue
+        res = p[i].clone()
+        if q is None:
+            res[t] = 0.0
+        else:
+            res = (res - q[i]).clamp_(min=0.0)
+        if not float(res.sum()) > 0:  # p == q up to rounding: any token of p
+            res = p[i]
+        return i, int(sample(res[None], generator))
+    n = len(draft)
+    return n, int(sample(p[n:n + 1], generator))
+
+
+class Speculator:
+    """The run's sources (first longest draft wins) and per-row draft lengths: a row's length grows
+    after a fully accepted draft and falls back to what was accepted after a rejection."""
+
+    def __init__(self, sources: list[DraftSource], k: int = 8, k_min: int = 1, k_max: int = 16,
+                 threshold: float | None = None):
+        if not sources:
+            raise MurmurError("speculative decoding needs at least one draft source")
+        if not 1 <= k_min <= k <= k_max:
+            raise MurmurError("speculative lengths need 1 <= k_min <= k <= k_max")
+        self.sources, self.k0, self.k_min, self.k_max = sources, k, k_min, k_max
+        self.threshold = threshold
+        self.k: dict[int, int] = {}
+
+    def describe(self) -> str:
+        return "+".join(s.describe() for s in self.sources)
+
+    def admit(self, engine, act) -> None:
+        for r in act.rows:
+            self.k[r] = self.k0
+        for s in self.sources:
+            s.admit(engine, act)
+
+    def propose(self, engine, act, j: int, row: int) -> Draft | None:
+        k = self.k.get(row, self.k0)
+        best = None
+        for s in self.sources:
+            d = s.propose(engine, act, j, row, k)
+            if d is not None and d.tokens and (best is None or len(d.tokens) > len(best.tokens)):
+                best = d
+        if best is not None and len(best.tokens) > k:
+            best = Draft(best.tokens[:k], None if best.conf is None else best.conf[:k])
+        return best
+
+    def feedback(self, row: int, n: int, accepted: int) -> None:
+        k = self.k.get(row, self.k0)
+        if accepted >= n:
+            self.k[row] = min(self.k_max, k + max(1, k // 2))
+        else:
+            self.k[row] = max(self.k_min, accepted + 1)
+
+    def after_forward(self, engine, hi: int, index) -> None:
+        for s in self.sources:
+            s.after_forward(engine, hi, index)
+
+    def accept_sampled(self, logits: Tensor, draft: Draft | None, temperature: float,
+                       generator: torch.Generator) -> tuple[int, int]:
+        """A fallback row: filtered `logits` [n+1, V] at the row's positions; drafts are deterministic."""
+        p = torch.softmax(logits.double() / temperature, dim=-1)
+        return speculative_sample(p, draft.tokens if draft is not None else [], generator)
+
+
+SOURCE_NAMES = ("recycle", "mtp", "draft:MODEL")
+
+
+def _value(raw: str):
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def parse_speculative(spec: str | None, opts: dict[str, str] | None = None, model=None) -> Speculator | None:
+    """'none' | 'recycle' | 'mtp' | 'draft:MODEL', combined with '+'; `opts` (from --spec-opt key=value):
+    k, k_min, k_max (draft lengths), threshold (mtp's threshold mode: accept drafts of at least this
+    confidence unverified), heads (an mtp heads file), ngram (recycle's realignment n-gram)."""
+    if spec is None or spec == "none" or spec == "":
+        return None
+    opts = {k.replace("-", "_"): _value(v) if isinstance(v, str) else v for k, v in (opts or {}).items()}
+    known = {"k", "k_min", "k_max", "threshold", "heads", "ngram"}
+    bad = set(opts) - known
+    if bad:
+        raise MurmurError(f"unknown --spec-opt {', '.join(sorted(bad))}; known: {', '.join(sorted(known))}")
+    sources: list[DraftSource] = []
+    for name in spec.split("+"):
+        name = name.strip()
+        if name == "recycle":
+            from murmur.spec.recycle import Recycle
+            sources.append(Recycle(ngram=int(opts.get("ngram", 3))))
+        elif name == "mtp":
+            from murmur.spec.mtp import Mtp
+            if model is None:
+                raise MurmurError("speculative 'mtp' needs the model it drafts for")
+            sources.append(Mtp.for_model(model, opts.get("heads")))
+        elif name.startswith("draft:") and len(name) > 6:
+            from murmur.spec.drafter import ModelDrafter
+            if model is None:
+                raise MurmurError("speculative 'draft:MODEL' needs the model it drafts for")
+            sources.append(ModelDrafter(name[6:], model))
+        else:
+            raise MurmurError(f"unknown speculative source {name!r}; choose none or {', '.join(SOURCE_NAMES)}"
+                              " (combine with '+')")
+    thr = opts.get("threshold")
+    k = int(opts.get("k", 8))
+    return Speculator(sources, k=k, k_min=int(opts.get("k_min", 1)), k_max=int(opts.get("k_max", max(16, k))),
+                      threshold=None if thr is None else float(thr))
