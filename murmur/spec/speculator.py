@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from murmur.decoding import sample
+from murmur.engine.decoding import sample
 from murmur.errors import MurmurError
 
 
@@ -116,7 +116,7 @@ class Speculator:
         return speculative_sample(p, draft.tokens if draft is not None else [], generator)
 
 
-SOURCE_NAMES = ("recycle", "mtp", "draft:MODEL")
+SOURCE_NAMES = ("recycle",)
 
 
 def _value(raw: str):
@@ -129,13 +129,13 @@ def _value(raw: str):
 
 
 def parse_speculative(spec: str | None, opts: dict[str, str] | None = None, model=None) -> Speculator | None:
-    """'none' | 'recycle' | 'mtp' | 'draft:MODEL', combined with '+'; `opts` (from --spec-opt key=value):
-    k, k_min, k_max (draft lengths), threshold (mtp's threshold mode: accept drafts of at least this
-    confidence unverified), heads (an mtp heads file), ngram (recycle's realignment n-gram)."""
+    """'none' | 'recycle' (sources combine with '+'); `opts` (from --spec-opt key=value): k, k_min,
+    k_max (draft lengths), threshold (accept drafts whose source confidence is at least this, unverified:
+    for sources that give one), ngram (recycle's realignment n-gram)."""
     if spec is None or spec == "none" or spec == "":
         return None
     opts = {k.replace("-", "_"): _value(v) if isinstance(v, str) else v for k, v in (opts or {}).items()}
-    known = {"k", "k_min", "k_max", "threshold", "heads", "ngram"}
+    known = {"k", "k_min", "k_max", "threshold", "ngram"}
     bad = set(opts) - known
     if bad:
         raise MurmurError(f"unknown --spec-opt {', '.join(sorted(bad))}; known: {', '.join(sorted(known))}")
@@ -145,16 +145,9 @@ def parse_speculative(spec: str | None, opts: dict[str, str] | None = None, mode
         if name == "recycle":
             from murmur.spec.recycle import Recycle
             sources.append(Recycle(ngram=int(opts.get("ngram", 3))))
-        elif name == "mtp":
-            from murmur.spec.mtp import Mtp
-            if model is None:
-                raise MurmurError("speculative 'mtp' needs the model it drafts for")
-            sources.append(Mtp.for_model(model, opts.get("heads")))
-        elif name.startswith("draft:") and len(name) > 6:
-            from murmur.spec.drafter import ModelDrafter
-            if model is None:
-                raise MurmurError("speculative 'draft:MODEL' needs the model it drafts for")
-            sources.append(ModelDrafter(name[6:], model))
+        elif name == "mtp" or (name.startswith("draft:") and len(name) > 6):
+            # planned (issue 15): Medusa heads and a small-model drafter; not built yet
+            raise MurmurError(f"speculative source {name!r} is not available yet; use 'recycle'")
         else:
             raise MurmurError(f"unknown speculative source {name!r}; choose none or {', '.join(SOURCE_NAMES)}"
                               " (combine with '+')")
