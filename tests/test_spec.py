@@ -29,7 +29,7 @@ class ListScheduler:
 @pytest.fixture(scope="module")
 def mels(data_dir):
     ted = load_audio(data_dir / "ted" / "bill_gates-TED.mp3")
-    clips = [load_audio(data_dir / "jfk" / "jfk.flac"), ted, ted[30 * 16000:]]
+    clips = [load_audio(data_dir / "jfk" / "jfk.flac"), ted]
     return [log_mel_spectrogram(a, padding=N_SAMPLES)[:, :N_FRAMES] for a in clips]
 
 
@@ -56,14 +56,14 @@ def test_greedy_verification_is_token_identical(tiny, mels):
         return t
     exact = [t + [tiny.tokenizer.eot] for t in base]
     # rows with no draft, a corrupted one and a late-starting one share steps (different lengths)
-    for drafts, batch in ((exact, 4), ([corrupt(t) for t in base], 4), ([None, corrupt(base[1]), base[2][5:]], 4),
-                          ([corrupt(t) for t in base], 1)):
+    for drafts, batch in ((exact, 4), ([corrupt(t) for t in base], 4), ([None, corrupt(base[1])], 4),
+                          ([base[0][4:], corrupt(base[1])], 1)):
         out, st = _run(tiny, mels, drafts, "recycle", batch)
         assert out == base
         assert st["accepted_tokens"] > 0 and st["draft_tokens"] >= st["accepted_tokens"]
         assert st["target_forwards"] < st0["target_forwards"]
-    out, st = _run(tiny, mels, exact, "recycle", 4)
-    assert st["target_forwards"] <= st0["target_forwards"] / 3  # perfect drafts: a forward verifies many tokens
+        if drafts is exact:  # perfect drafts: a forward verifies many tokens
+            assert st["target_forwards"] <= st0["target_forwards"] / 3
 
 
 def test_kv_rollback_is_as_if_never_fed(tiny, mels):

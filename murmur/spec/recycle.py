@@ -10,7 +10,7 @@ last `ngram` tokens found in the draft, nearest to where the row was expected to
 """
 from __future__ import annotations
 
-from murmur.spec.speculator import Draft, DraftSource
+from murmur.spec.base import Draft, DraftSource
 
 
 class Recycle(DraftSource):

@@ -8,37 +8,12 @@ policies into the cache: the model code never changes for them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from murmur.engine.decoding import sample
 from murmur.errors import MurmurError
-
-
-@dataclass
-class Draft:
-    tokens: list[int]
-    conf: list[float] | None = None  # the source's probability of each token (mtp's threshold mode)
-
-
-class DraftSource:
-    """One source. `propose` returns up to `k` tokens expected to follow the row's tokens so far
-    (act.seqs[j]; its last one is the row's pending token, fed next)."""
-    name = "source"
-
-    def admit(self, engine, act) -> None:
-        pass
-
-    def propose(self, engine, act, j: int, row: int, k: int) -> Draft | None:
-        return None
-
-    def after_forward(self, engine, hi: int, index) -> None:
-        """After a verify forward: `index[r]` is the position of row r whose logits chose its pending token."""
-
-    def describe(self) -> str:
-        return self.name
+from murmur.spec.base import Draft, DraftSource
 
 
 def speculative_sample(p: Tensor, draft: list[int], generator: torch.Generator,
