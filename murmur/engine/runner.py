@@ -277,12 +277,6 @@ class Engine:
         lg = self.rules(logits[torch.tensor(rr, device=dev), torch.tensor(jj, device=dev)].float(),
                         RowState(*(torch.tensor(x, dtype=torch.long, device=dev) for x in rs)))
         best = lg.argmax(dim=-1).tolist()
-        thr = self.spec.threshold
-        allowed = None
-        if thr is not None and drafts:  # threshold mode takes confident drafts the rules allow
-            pm = [offs[r] + i for r, d in drafts.items() for i in range(len(d.tokens))]
-            pt = [t for d in drafts.values() for t in d.tokens]
-            allowed = dict(zip(pm, (lg[pm, pt] > float("-inf")).tolist()))
         chains = [[best[offs[r]]] for r in range(hi)]  # free and finished rows: as the plain step
         keep = np.ones(hi, dtype=np.int64)
         for act in acts:
@@ -296,8 +290,7 @@ class Engine:
                     na, last = self.spec.accept_sampled(lg[o:o + len(toks) + 1], d, act.req.temperature, act.gen)
                 else:
                     na = 0
-                    while na < len(toks) and (best[o + na] == toks[na] or (
-                            allowed is not None and d.conf is not None and d.conf[na] >= thr and allowed[o + na])):
+                    while na < len(toks) and best[o + na] == toks[na]:
                         na += 1
                     last = best[o + na]
                 chains[r] = list(toks[:na]) + [last]

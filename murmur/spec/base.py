@@ -7,7 +7,6 @@ from dataclasses import dataclass
 @dataclass
 class Draft:
     tokens: list[int]
-    conf: list[float] | None = None  # the source's probability of each token (mtp's threshold mode)
 
 
 class DraftSource:

@@ -1,7 +1,7 @@
 """What the engine talks to: the draft sources of a run, each row's adaptive draft length, and the
 acceptance rule of speculative sampling.
 
-The engine (murmur.engine) asks `propose` for each busy row's draft before a step, feeds the row's
+The engine (murmur.engine.runner) asks `propose` for each busy row's draft before a step, feeds the row's
 pending token and the draft in one forward, keeps the longest prefix greedy decoding (or speculative
 sampling) would have produced and rolls the rest back in the KV cache. Sources plug in here, like KV
 policies into the cache: the model code never changes for them.
@@ -43,14 +43,12 @@ class Speculator:
     """The run's sources (first longest draft wins) and per-row draft lengths: a row's length grows
     after a fully accepted draft and falls back to what was accepted after a rejection."""
 
-    def __init__(self, sources: list[DraftSource], k: int = 8, k_min: int = 1, k_max: int = 16,
-                 threshold: float | None = None):
+    def __init__(self, sources: list[DraftSource], k: int = 8, k_min: int = 1, k_max: int = 16):
         if not sources:
             raise MurmurError("speculative decoding needs at least one draft source")
         if not 1 <= k_min <= k <= k_max:
             raise MurmurError("speculative lengths need 1 <= k_min <= k <= k_max")
         self.sources, self.k0, self.k_min, self.k_max = sources, k, k_min, k_max
-        self.threshold = threshold
         self.k: dict[int, int] = {}
 
     def describe(self) -> str:
@@ -70,7 +68,7 @@ class Speculator:
             if d is not None and d.tokens and (best is None or len(d.tokens) > len(best.tokens)):
                 best = d
         if best is not None and len(best.tokens) > k:
-            best = Draft(best.tokens[:k], None if best.conf is None else best.conf[:k])
+            best = Draft(best.tokens[:k])
         return best
 
     def feedback(self, row: int, n: int, accepted: int) -> None:
@@ -105,12 +103,11 @@ def _value(raw: str):
 
 def parse_speculative(spec: str | None, opts: dict[str, str] | None = None, model=None) -> Speculator | None:
     """'none' | 'recycle' (sources combine with '+'); `opts` (from --spec-opt key=value): k, k_min,
-    k_max (draft lengths), threshold (accept drafts whose source confidence is at least this, unverified:
-    for sources that give one), ngram (recycle's realignment n-gram)."""
+    k_max (draft lengths: start, floor, ceiling), ngram (recycle's realignment n-gram)."""
     if spec is None or spec == "none" or spec == "":
         return None
     opts = {k.replace("-", "_"): _value(v) if isinstance(v, str) else v for k, v in (opts or {}).items()}
-    known = {"k", "k_min", "k_max", "threshold", "ngram"}
+    known = {"k", "k_min", "k_max", "ngram"}
     bad = set(opts) - known
     if bad:
         raise MurmurError(f"unknown --spec-opt {', '.join(sorted(bad))}; known: {', '.join(sorted(known))}")
@@ -126,7 +123,5 @@ def parse_speculative(spec: str | None, opts: dict[str, str] | None = None, mode
         else:
             raise MurmurError(f"unknown speculative source {name!r}; choose none or {', '.join(SOURCE_NAMES)}"
                               " (combine with '+')")
-    thr = opts.get("threshold")
     k = int(opts.get("k", 8))
-    return Speculator(sources, k=k, k_min=int(opts.get("k_min", 1)), k_max=int(opts.get("k_max", max(16, k))),
-                      threshold=None if thr is None else float(thr))
+    return Speculator(sources, k=k, k_min=int(opts.get("k_min", 1)), k_max=int(opts.get("k_max", max(16, k))))
