@@ -114,3 +114,18 @@ def test_speculative_sampling_keeps_target_distribution(deterministic):
         na, nxt = speculative_sample(p, draft, g, qq)
         counts[draft[0] if na == 1 else nxt] += 1
     assert chisquare(counts, n * p[0].numpy()).pvalue > 1e-3
+
+
+def test_fallback_sampling_is_token_identical(tiny, mels):
+    """A fallback re-decode drafted by the rejected greedy decode samples what plain decoding samples."""
+    tok = tiny.tokenizer
+    greedy, _ = _run(tiny, mels[:1])
+    out = []
+    for spec in (None, "recycle"):
+        r = Request(mel=mels[0], prompt=list(tok.sot_sequence("en", timestamps=True)), temperature=1.0,
+                    key=(0, 5), draft=greedy[0])
+        e = Engine(tiny, DecodingOptions(), batch_size=5, speculative=parse_speculative(spec))
+        e.run(ListScheduler([r]))
+        out.append((r.tokens, e.stats))
+    assert out[0][0] == out[1][0]
+    assert out[1][1]["accepted_tokens"] > 0 and out[1][1]["target_forwards"] < out[0][1]["target_forwards"]

@@ -287,7 +287,7 @@ class Engine:
                 toks = d.tokens if d is not None else []
                 o = offs[r]
                 if act.req.temperature > 0:
-                    na, last = self.spec.accept_sampled(lg[o:o + len(toks) + 1], d, act.req.temperature, act.gen)
+                    na, last = self.spec.accept_sampled(lg[o:o + len(toks) + 1], d, act.req.temperature, act, j)
                 else:
                     na = 0
                     while na < len(toks) and best[o + na] == toks[na]:

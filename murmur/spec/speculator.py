@@ -57,6 +57,8 @@ class Speculator:
     def admit(self, engine, act) -> None:
         for r in act.rows:
             self.k[r] = self.k0
+        act.spec_u = [None]  # admission drew step 0's uniforms
+        act.spec_n = [1] * len(act.rows)
         for s in self.sources:
             s.admit(engine, act)
 
@@ -82,11 +84,34 @@ class Speculator:
         for s in self.sources:
             s.after_forward(engine, hi, index)
 
-    def accept_sampled(self, logits: Tensor, draft: Draft | None, temperature: float,
-                       generator: torch.Generator) -> tuple[int, int]:
-        """A fallback row: filtered `logits` [n+1, V] at the row's positions; drafts are deterministic."""
-        p = torch.softmax(logits.double() / temperature, dim=-1)
-        return speculative_sample(p, draft.tokens if draft is not None else [], generator)
+    def accept_sampled(self, logits: Tensor, draft: Draft | None, temperature: float, act, j: int) -> tuple[int, int]:
+        """A fallback row j of `act`: filtered `logits` [n+1, V] at its positions. Drafts here are
+        deterministic (q one-hot), where speculative sampling accepts token d with probability p(d):
+        so does sampling each position with the uniform plain decoding would have drawn for it and
+        comparing. That is the rule used: the same distribution, and the same samples as without
+        speculation, so a run's fallbacks (and all that follows them) stay token-identical."""
+        toks = draft.tokens if draft is not None else []
+        probs = torch.softmax(logits / temperature, dim=-1)
+        cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+        n0 = act.spec_n[j]
+        u = torch.tensor([[_uniform(act, n0 + i, j)] for i in range(len(toks) + 1)], dtype=torch.float64,
+                         device=logits.device)
+        got = torch.searchsorted(cdf, u * cdf[:, -1:], side="right").squeeze(1).clamp_(max=probs.shape[1] - 1).tolist()
+        na = 0
+        while na < len(toks) and got[na] == toks[na]:
+            na += 1
+        act.spec_n[j] = n0 + na + 1
+        return na, got[na]
+
+
+def _uniform(act, step: int, j: int) -> float:
+    """The uniform plain decoding draws for row j's token `step`: each step draws one per row of the
+    request from its generator (murmur.engine.decoding.sample); admission drew step 0."""
+    u = act.spec_u
+    while len(u) <= step:
+        u.append(torch.rand(len(act.rows), 1, generator=act.gen, dtype=torch.float64,
+                            device=act.gen.device)[:, 0].tolist())
+    return u[step][j]
 
 
 SOURCE_NAMES = ("recycle",)
