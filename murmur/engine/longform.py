@@ -208,7 +208,8 @@ class ChunkStream:
                 advance = (tokens[last - 1] - tsb) * INPUT_STRIDE
                 # the next window starts at that stamp and transcribes the unfinished tail again
                 shift = tokens[last - 1] - tsb
-                self.tail_draft = [max(t - shift, tsb) if t >= tsb else t for t in tokens[last:]] or None
+                tail = [max(t - shift, tsb) if t >= tsb else t for t in tokens[last:]]
+                self.tail_draft = tail if any(t < tsb for t in tail) else None  # often only the stamp
         else:
             duration = size * HOP_LENGTH / SAMPLE_RATE
             stamps = [t for t in tokens if t >= tsb]
