@@ -122,7 +122,7 @@ def test_fallback_sampling_is_token_identical(tiny, mels):
     greedy, _ = _run(tiny, mels[:1])
     out = []
     for spec in (None, "recycle"):
-        r = Request(mel=mels[0], prompt=list(tok.sot_sequence("en", timestamps=True)), temperature=1.0,
+        r = Request(mel=mels[0], prompt=list(tok.sot_sequence("en", timestamps=True)), temperature=0.6, sample_len=48,
                     key=(0, 5), draft=greedy[0])
         e = Engine(tiny, DecodingOptions(), batch_size=5, speculative=parse_speculative(spec))
         e.run(ListScheduler([r]))
