@@ -178,13 +178,16 @@ class TextDecoder(nn.Module):
         return (x @ self.token_embedding.weight.to(x.dtype).T).float()
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, per_query: bool) -> Tensor:
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, per_query: bool | str) -> Tensor:
     """SDPA. With `per_query` (speculative verification) self-attention runs one query at a time over
     the keys a one-token step would read: the kernel's sums depend on the key length, so this keeps
     verified tokens bit-identical to plain decoding."""
     if not per_query or q.shape[2] == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     t, n = q.shape[2], k.shape[2]
+    if mask is not None and mask.shape[2] == t and per_query == "whole":  # keys span the whole context
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, j:j + 1], k, v, attn_mask=mask[:, :, j:j + 1])
+                          for j in range(t)], dim=2)
     if mask is not None and mask.shape[2] == t:  # self-attention: query j reads the keys a one-token step would
         return torch.cat([F.scaled_dot_product_attention(
             q[:, :, j:j + 1], k[:, :, :n - t + j + 1], v[:, :, :n - t + j + 1], attn_mask=mask[:, :, j:j + 1, :n - t + j + 1])

@@ -35,7 +35,7 @@ class Step:
     self_masks: list[Tensor] | None = None
     cross_masks: list[Tensor] | None = None
     cross_biases: list[Tensor] | None = None
-    per_query: bool = False  # attention one query position at a time (speculative verification)
+    per_query: bool | str = False  # attention one query at a time (speculative verification); 'whole': keys span n_ctx
 
 
 class KVCache:
@@ -152,7 +152,7 @@ class KVCache:
             cross_bias = torch.zeros(cross_mask.shape, dtype=self.k.dtype, device=dev)
             cross_bias.masked_fill_(~cross_mask, float("-inf"))
         step = Step(start, stop, n_tokens, positions, slots, length, self_mask, fr, cross_mask, cross_bias, active,
-                    per_query=self.hold)
+                    per_query=self.hold and ("whole" if length == self.n_ctx and self.policy is None else True))
         if self.policy is not None and getattr(self.policy, "per_head", False):
             self._per_head(step)
         return step
