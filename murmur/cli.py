@@ -34,6 +34,8 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-policy", default="none",
                    help="none|output-window|speech-window|speech-follow|duo; combine with +")
     p.add_argument("--kv-opt", action="append", default=[], metavar="KEY=VALUE", help="policy parameter")
+    p.add_argument("--speculative", default="none", help="none|recycle: draft sources verified in one forward")
+    p.add_argument("--spec-opt", action="append", default=[], metavar="KEY=VALUE", help="speculative parameter")
     p.add_argument("--encoder-sparsity", default="off", help="LAYER:FRACTION of encoder frames to drop, or off")
     p.add_argument("--word-timestamps", action="store_true", help="add words with start, end, probability")
     p.add_argument("--diarize", action=argparse.BooleanOptionalAction, default=None,
@@ -52,6 +54,7 @@ def _options(args, **kw):
         temperature=args.temperature, initial_prompt=args.initial_prompt,
         condition_on_previous_text=not args.no_condition_on_previous_text, device=args.device,
         compute_type=args.compute_type, threads=args.threads, kv_policy=args.kv_policy, kv_opts=args.kv_opt,
+        speculative=args.speculative, spec_opts=args.spec_opt,
         encoder_sparsity=args.encoder_sparsity, word_timestamps=args.word_timestamps,
         num_speakers=args.num_speakers, min_speakers=args.min_speakers, max_speakers=args.max_speakers, **kw)
 

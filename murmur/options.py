@@ -54,6 +54,8 @@ class TranscribeOptions:
     kv_policy: Any = None  # a policy object or a spec such as 'output-window+speech-follow'
     kv_opts: dict[str, str] | None = None  # the policy's KEY=VALUE parameters
     encoder_sparsity: str | None = None  # 'LAYER:FRACTION[:STRIDE]' or 'off'
+    speculative: Any = None  # a murmur.spec Speculator or a spec such as 'recycle'; None/'none': off
+    spec_opts: dict[str, str] | None = None  # its KEY=VALUE parameters
     encoder_hooks: tuple = ()
     # speakers: one speaker map for the whole recording (diarize turns word timestamps on)
     word_timestamps: bool = False
@@ -105,6 +107,7 @@ class TranscribeOptions:
         if self.decoding is not None and not isinstance(self.decoding, DecodingOptions):
             raise OptionsError(f"decoding: expected DecodingOptions, got {type(self.decoding).__name__}")
         fix("kv_opts", _kv_opts(self.kv_opts))
+        fix("spec_opts", _kv_opts(self.spec_opts, "--spec-opt"))
         fix("encoder_hooks", tuple(self.encoder_hooks))
         try:  # checks what needs no model; the layer and the duo map are checked against it later
             if isinstance(self.kv_policy, str):
@@ -177,7 +180,7 @@ def _number(name: str, value, positive: bool) -> None:
         raise OptionsError(f"{name} {value}: must be {'above' if positive else 'at least'} 0")
 
 
-def _kv_opts(value) -> dict[str, str] | None:
+def _kv_opts(value, flag: str = "--kv-opt") -> dict[str, str] | None:
     """A dict, 'k=v,k=v', or ['k=v', ...] (the CLI's repeated --kv-opt) -> {k: v} of strings."""
     if value is None:
         return None
@@ -187,7 +190,7 @@ def _kv_opts(value) -> dict[str, str] | None:
     out = {}
     for o in items:
         if not isinstance(o, str) or "=" not in o:
-            raise OptionsError(f"--kv-opt {o!r}: expected KEY=VALUE")
+            raise OptionsError(f"{flag} {o!r}: expected KEY=VALUE")
         k, v = o.split("=", 1)
         out[k.strip()] = v.strip()
     return out
@@ -196,7 +199,7 @@ def _kv_opts(value) -> dict[str, str] | None:
 def _from_text(name: str, kind: str, text: str):
     """One field's value from its text, by the field's annotation ('int | None', 'bool', ...)."""
     t = text.strip()
-    if name in ("chunk_size", "kv_opts", "kv_policy", "suppress_tokens"):
+    if name in ("chunk_size", "kv_opts", "kv_policy", "suppress_tokens", "speculative", "spec_opts"):
         return t  # parsed by the field's own check
     if name in _OBJECTS:
         raise OptionsError(f"option {name!r} cannot be given as text")

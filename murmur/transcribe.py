@@ -246,8 +246,12 @@ def transcribe(
     if o.encoder_sparsity:
         from murmur.engine.sparsify import parse_encoder_sparsity
         hooks += parse_encoder_sparsity(o.encoder_sparsity, loaded)
+    speculative = o.speculative
+    if isinstance(speculative, str):
+        from murmur.spec.speculator import parse_speculative
+        speculative = parse_speculative(speculative, o.spec_opts, loaded)
     engine = Engine(loaded, job.options, batch_size=o.batch_size, kv_policy=kv_policy, encoder_hooks=hooks,
-                    seed=o.seed, max_streams=len(job.streams))
+                    seed=o.seed, max_streams=len(job.streams), speculative=speculative)
     bar = _progress(o.progress, job.duration, job.speech_seconds, source)
     scheduler = StreamScheduler(job.streams, max_open=o.queue_limit or 2 * engine.batch_size,
                                 on_progress=bar.advance if bar else None)
@@ -263,11 +267,20 @@ def transcribe(
         "prefill_s": round(es["prefill_s"], 3),
         "forward_s": round(es["forward_s"], 3),
         "tokens": es["tokens"],
+        **_spec_stats(es),
         "tokens_per_s": round(es["tokens"] / max(es["decode_s"], 1e-9), 1),
         "batch_size": engine.batch_size,
         "batch_occupancy": round(es["row_steps"] / max(es["slot_steps"], 1), 3),
         "mean_active_rows": round(es["row_steps"] / max(es["steps"], 1), 2),
         **engine.cache.stats})
+
+
+def _spec_stats(st: dict) -> dict:
+    """target_forwards counts decoder calls (prefills included); tokens_per_forward is per row and call."""
+    return {"target_forwards": st["target_forwards"], "draft_tokens": st["draft_tokens"],
+            "accepted_tokens": st["accepted_tokens"], "draft_s": round(st["draft_s"], 3),
+            "row_forwards": st["prefills"] + st["row_steps"],
+            "tokens_per_forward": round(st["tokens"] / max(st["prefills"] + st["row_steps"], 1), 3)}
 
 
 def _peak_rss_mb() -> float:

@@ -74,6 +74,7 @@ class ChunkStream:
         self.done = self.content_frames == 0
         self.seconds_done = 0.0
         self.last_speech = 0.0  # end of the last word, for timing's pause heuristics
+        self.tail_draft: list[int] | None = None  # the last window's unfinished tail: the next one's draft
 
     @property
     def duration(self) -> float:
@@ -108,7 +109,9 @@ class ChunkStream:
             seg = torch.nn.functional.pad(seg, (0, N_FRAMES - seg.shape[-1]))
         self.waiting = True
         self.windows += 1
-        return self._request(seg, self.options.temperature[0], size)
+        req = self._request(seg, self.options.temperature[0], size)
+        req.draft, self.tail_draft = self.tail_draft, None
+        return req
 
     def _is_silent(self, size: int) -> bool:
         a = self.audio[self.seek * HOP_LENGTH:(self.seek + size) * HOP_LENGTH]
@@ -156,7 +159,9 @@ class ChunkStream:
         t_index = req.tag["t_index"]
         if needs_fallback and t_index + 1 < len(o.temperature):
             self.fallbacks += 1
-            return self._request(req.mel, o.temperature[t_index + 1], req.tag["size"], req.features)
+            retry = self._request(req.mel, o.temperature[t_index + 1], req.tag["size"], req.features)
+            retry.draft = req.tokens  # the rejected decode drafts the re-decode
+            return retry
         self.waiting = False
         self._advance(req, ratio, drop=needs_fallback and too_repetitive)
         return None
@@ -201,6 +206,10 @@ class ChunkStream:
                 advance = size
             else:
                 advance = (tokens[last - 1] - tsb) * INPUT_STRIDE
+                # the next window starts at that stamp and transcribes the unfinished tail again
+                shift = tokens[last - 1] - tsb
+                tail = [max(t - shift, tsb) if t >= tsb else t for t in tokens[last:]]
+                self.tail_draft = tail if any(t < tsb for t in tail) else None  # often only the stamp
         else:
             duration = size * HOP_LENGTH / SAMPLE_RATE
             stamps = [t for t in tokens if t >= tsb]

@@ -35,6 +35,9 @@ class Request:
     # called on a greedy row's tokens every STOP_EVERY steps; True ends the row as rejected
     stop_check: Callable[[list[int]], bool] | None = None
     key: tuple = ()  # what the request is (where its window starts, temperature index): seeds its sampling
+    # tokens this window is expected to repeat (a rejected decode, the last window's unfinished tail, a
+    # live stream's previous hypothesis): speculative decoding's `recycle` source drafts from them
+    draft: list[int] | None = None
     # results
     tokens: list[int] = field(default_factory=list)
     sum_logprob: float = 0.0
@@ -67,7 +70,7 @@ class _Active:
 class Engine:
     def __init__(self, loaded: LoadedModel, options: DecodingOptions = DecodingOptions(),
                  batch_size: int = 8, encoder_batch: int | None = None, kv_policy=None,
-                 encoder_hooks=(), seed: int = 0, max_streams: int | None = None):
+                 encoder_hooks=(), seed: int = 0, max_streams: int | None = None, speculative=None):
         self.loaded = loaded
         self.model = loaded.model
         self.tok = loaded.tokenizer
@@ -91,11 +94,14 @@ class Engine:
         self.owner_of: list[_Active | None] = [None] * self.batch_size
         self.last_token = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
         self.seed = seed
+        # a murmur.spec Speculator: rows verify drafted tokens in one forward (beam search never drafts)
+        self.spec = speculative if options.beam_size == 1 else None
         # decode_s = prefill_s (admission: cross K/V, prompt) + forward_s (steps) + the rest of the
         # steps (logit rules, selection, bookkeeping)
         self.stats = {"encode_s": 0.0, "decode_s": 0.0, "prefill_s": 0.0, "forward_s": 0.0, "windows": 0,
                       "steps": 0, "tokens": 0, "row_steps": 0, "slot_steps": 0, "encoded_windows": 0,
-                      "joined_running": 0}
+                      "joined_running": 0, "target_forwards": 0, "prefills": 0, "draft_tokens": 0,
+                      "accepted_tokens": 0, "draft_s": 0.0}
 
     # --- encoder -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -136,6 +142,10 @@ class Engine:
         prompt = torch.tensor([req.prompt], dtype=torch.long, device=self.device)
         sot = req.prompt.index(self.tok.sot)
         logits = self.model.decoder(prompt, self.cache, r0, logits_at=[sot, len(req.prompt) - 1])[0]
+        self.stats["target_forwards"] += 1
+        self.stats["prefills"] += 1
+        if self.spec is not None:
+            self.spec.admit(self, act)
         req.no_speech_prob = float(torch.softmax(logits[0], -1)[self.tok.no_speech])
         for r in rows[1:]:  # every candidate starts from the same prefilled prompt
             self.cache.move(r0, r, 1)
@@ -147,6 +157,9 @@ class Engine:
     # --- one decode step over all rows ---------------------------------------------------------
     @torch.inference_mode()
     def _step(self, hi: int) -> None:
+        self.stats["target_forwards"] += 1
+        if self.spec is not None:
+            return self._spec_step(hi)
         t0 = time.perf_counter()
         active = np.array([o is not None for o in self.owner_of[:hi]])
         logits = self.model.decoder(self.last_token[:hi, None], self.cache, 0, active=active)[:, -1]
@@ -205,6 +218,132 @@ class Engine:
         for act in acts:
             if all(act.done):
                 self._finish(act)
+
+    # --- speculative decoding: verify each row's draft in one forward -------------------------
+    def _spec_step(self, hi: int) -> None:
+        t0 = time.perf_counter()
+        active = np.array([o is not None for o in self.owner_of[:hi]])
+        acts = list({id(o): o for o in self.owner_of[:hi] if o is not None}.values())
+        drafts = {}
+        for a in acts:
+            for j, r in enumerate(a.rows):
+                if not a.done[j]:
+                    d = self.spec.propose(self, a, j, r)
+                    if d is not None and len(d.tokens):
+                        drafts[r] = d
+        t1 = time.perf_counter()
+        self.stats["draft_s"] += t1 - t0
+        n = 1 + max((len(d.tokens) for d in drafts.values()), default=0)
+        # column 0 is each row's pending token; shorter drafts are padded (and rolled back)
+        tokens = self.last_token[:hi, None].repeat(1, n)
+        for r, d in drafts.items():
+            tokens[r, 1:1 + len(d.tokens)] = torch.tensor(d.tokens, device=self.device)
+        self.cache.hold = True
+        try:
+            logits = self.model.decoder(tokens, self.cache, 0, active=active)
+        finally:
+            self.cache.hold = False
+        step, self.cache.held = self.cache.held, None
+        self.stats["forward_s"] += time.perf_counter() - t1
+        if not active.all():
+            logits[torch.from_numpy(~active)] = 0.0
+        keep = self._verify(logits, drafts, hi, acts)
+        self.cache.commit(step, keep)
+        self.spec.after_forward(self, hi, keep - 1)
+        self.stats["steps"] += 1
+        self.stats["row_steps"] += int(active.sum())
+        self.stats["slot_steps"] += hi
+        self.stats["decode_s"] += time.perf_counter() - t0
+
+    def _verify(self, logits: Tensor, drafts: dict, hi: int, acts: list[_Active]) -> np.ndarray:
+        """Accept each row's longest draft prefix that decoding would have produced, then the model's
+        own token. The logit rules see position j of a row as if draft[:j] had been decoded, so greedy
+        verification gives plain greedy's tokens. Returns the fed tokens each row keeps."""
+        st, tsb, eot = self.state, self.tok.timestamp_begin, self.tok.eot
+        cols = [t[:hi].tolist() for t in (st.n_sampled, st.last, st.penult, st.last_stamp)]
+        rr, jj, rs, offs = [], [], ([], [], [], []), []
+        for r in range(hi):
+            toks = drafts[r].tokens if r in drafts else ()
+            a, b, c, e = (x[r] for x in cols)
+            offs.append(len(rr))
+            for j in range(len(toks) + 1):
+                rr.append(r), jj.append(j)
+                for lst, v in zip(rs, (a, b, c, e)):
+                    lst.append(v)
+                if j < len(toks):
+                    t = toks[j]
+                    a, b, c, e = a + 1, t, b, (t if t >= tsb else e)
+        dev = self.device
+        lg = self.rules(logits[torch.tensor(rr, device=dev), torch.tensor(jj, device=dev)].float(),
+                        RowState(*(torch.tensor(x, dtype=torch.long, device=dev) for x in rs)))
+        best = lg.argmax(dim=-1).tolist()
+        chains = [[best[offs[r]]] for r in range(hi)]  # free and finished rows: as the plain step
+        keep = np.ones(hi, dtype=np.int64)
+        for act in acts:
+            for j, r in enumerate(act.rows):
+                if act.done[j]:
+                    continue
+                d = drafts.get(r)
+                toks = d.tokens if d is not None else []
+                o = offs[r]
+                if act.req.temperature > 0:
+                    na, last = self.spec.accept_sampled(lg[o:o + len(toks) + 1], d, act.req.temperature, act, j)
+                else:
+                    na = 0
+                    while na < len(toks) and best[o + na] == toks[na]:
+                        na += 1
+                    last = best[o + na]
+                chains[r] = list(toks[:na]) + [last]
+                keep[r] = na + 1
+                if d is not None:
+                    self.stats["draft_tokens"] += len(toks)
+                    self.stats["accepted_tokens"] += na
+                    self.spec.feedback(r, len(toks), na)
+        ms = [offs[r] + i for r in range(hi) for i in range(len(chains[r]))]
+        ts = [t for c in chains for t in c]
+        lps = (lg[ms, ts] - lg[ms].logsumexp(dim=-1)).tolist()
+        lp_at = {}
+        k = 0
+        for r in range(hi):
+            lp_at[r] = lps[k:k + len(chains[r])]
+            k += len(chains[r])
+        for act in acts:
+            for j, r in enumerate(act.rows):
+                if act.done[j]:
+                    continue
+                seq = act.seqs[j]
+                for t, lp in zip(chains[r], lp_at[r]):
+                    act.sums[j] += lp
+                    self.stats["tokens"] += 1
+                    if t == eot:
+                        act.done[j] = True
+                    else:
+                        seq.append(t)
+                        if len(seq) >= act.req.sample_len:
+                            act.done[j] = True
+                        elif (act.req.stop_check is not None and len(seq) % STOP_EVERY == 0
+                              and act.req.stop_check(seq)):
+                            act.done[j] = act.stopped[j] = True
+                    if act.done[j]:
+                        break
+        # row state after each row's chain, as pushing its tokens one by one would leave it
+        for r in range(hi):
+            a, b, c, e = (x[r] for x in cols)
+            for t in chains[r]:
+                a, b, c, e = a + 1, t, b, (t if t >= tsb else e)
+            for x, v in zip(cols, (a, b, c, e)):
+                x[r] = v
+        for t, x in zip((st.n_sampled, st.last, st.penult, st.last_stamp), cols):
+            t[:hi] = torch.tensor(x, dtype=torch.long, device=dev)
+        self.last_token[:hi] = torch.tensor([c[-1] for c in chains], dtype=torch.long, device=dev)
+        observe = getattr(self.cache.policy, "observe_tokens", None)
+        if observe is not None:
+            stamps = st.last_stamp[:hi]
+            observe(self.cache, list(range(hi)), torch.where(stamps >= 0, stamps - tsb, -1))
+        for act in acts:
+            if all(act.done):
+                self._finish(act)
+        return keep
 
     def _beam_step(self, act: _Active, logprobs: Tensor, nxt: Tensor, where: dict[int, int]) -> None:
         src, toks, done = act.beam.step(logprobs)

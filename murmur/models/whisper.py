@@ -154,7 +154,7 @@ class TextDecoder(nn.Module):
             h = block.attn_ln(x)
             q, k, v = a.heads(a.query(h)), a.heads(a.key(h)), a.heads(a.value(h))
             k_all, v_all = cache.write_self(i, step, k, v)
-            x = x + a.out(a.merge(F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=step.self_mask)))
+            x = x + a.out(a.merge(_attend(q, k_all, v_all, step.self_mask, step.per_query)))
 
             ca = block.cross_attn
             h = block.cross_attn_ln(x)
@@ -166,7 +166,7 @@ class TextDecoder(nn.Module):
                 attn_probe(i, w)
                 o = w @ xv.to(q.dtype)
             else:
-                o = F.scaled_dot_product_attention(q.to(xk.dtype), xk, xv, attn_mask=step.cross_mask).to(q.dtype)
+                o = _attend(q.to(xk.dtype), xk, xv, step.cross_mask, step.per_query).to(q.dtype)
             x = x + ca.out(ca.merge(o))
             x = x + block.mlp(block.mlp_ln(x))
         cache.commit(step)
@@ -176,6 +176,32 @@ class TextDecoder(nn.Module):
         if self.output is not None:
             return self.output(x).float()
         return (x @ self.token_embedding.weight.to(x.dtype).T).float()
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, per_query: bool | str) -> Tensor:
+    """SDPA. With `per_query` (speculative verification) self-attention runs one query at a time over
+    the keys a one-token step would read: the kernel's sums depend on the key length, so this keeps
+    verified tokens bit-identical to plain decoding."""
+    if not per_query or q.shape[2] == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    t, n = q.shape[2], k.shape[2]
+    if mask is not None and mask.shape[2] == t and per_query == "whole":  # keys span the whole context
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, j:j + 1], k, v, attn_mask=mask[:, :, j:j + 1])
+                          for j in range(t)], dim=2)
+    if mask is not None and mask.shape[2] == t:  # self-attention: query j reads the keys a one-token step would
+        return torch.cat([F.scaled_dot_product_attention(
+            q[:, :, j:j + 1], k[:, :, :n - t + j + 1], v[:, :, :n - t + j + 1], attn_mask=mask[:, :, j:j + 1, :n - t + j + 1])
+            for j in range(t)], dim=2)
+    if k.dtype == torch.bfloat16 and mask is None:
+        # cross: each row's queries folded into the batch over the same (expanded, not copied) keys;
+        # bit-identical to one query a call for bf16 speech K/V, and 4x faster than the loop
+        out = []
+        for r in range(q.shape[0]):
+            qq = q[r].transpose(0, 1)[:, :, None]  # [T, H, 1, D]
+            o = F.scaled_dot_product_attention(qq, k[r:r + 1].expand(t, -1, -1, -1), v[r:r + 1].expand(t, -1, -1, -1))
+            out.append(o[:, :, 0].transpose(0, 1))
+        return torch.stack(out)
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, j:j + 1], k, v, attn_mask=mask) for j in range(t)], dim=2)
 
 
 class TiedLogits(nn.Module):

@@ -35,6 +35,7 @@ class Step:
     self_masks: list[Tensor] | None = None
     cross_masks: list[Tensor] | None = None
     cross_biases: list[Tensor] | None = None
+    per_query: bool | str = False  # attention one query at a time (speculative verification); 'whole': keys span n_ctx
 
 
 class KVCache:
@@ -59,6 +60,10 @@ class KVCache:
         self.policy = policy
         self.stats = {"kv_logical": 0, "kv_physical": 0, "kv_physical_peak_per_row": 0, "kv_computed": 0}
         self._cross_all_kept = np.zeros(n_rows, dtype=bool)
+        # speculative verification: the forward's commit waits in `held` until the engine knows how
+        # many of each row's fed tokens it accepted (commit(step, keep))
+        self.hold = False
+        self.held: Step | None = None
 
     # --- rows --------------------------------------------------------------------------------
     def reset(self, start: int, stop: int) -> None:
@@ -146,7 +151,8 @@ class KVCache:
             cross_mask = self.cross_keep[start:stop, :fr][:, None, None, :]
             cross_bias = torch.zeros(cross_mask.shape, dtype=self.k.dtype, device=dev)
             cross_bias.masked_fill_(~cross_mask, float("-inf"))
-        step = Step(start, stop, n_tokens, positions, slots, length, self_mask, fr, cross_mask, cross_bias, active)
+        step = Step(start, stop, n_tokens, positions, slots, length, self_mask, fr, cross_mask, cross_bias, active,
+                    per_query=self.hold and ("whole" if length == self.n_ctx and self.policy is None else True))
         if self.policy is not None and getattr(self.policy, "per_head", False):
             self._per_head(step)
         return step
@@ -179,8 +185,25 @@ class KVCache:
         return (self.xk[layer, step.start:step.stop, :, :step.cross_len],
                 self.xv[layer, step.start:step.stop, :, :step.cross_len])
 
-    def commit(self, step: Step) -> None:
-        inc = step.n_tokens if step.active is None else step.n_tokens * step.active
+    def commit(self, step: Step, keep: np.ndarray | None = None) -> None:
+        """Advance rows past the step's tokens; with `keep` [R] only past each row's first keep[r]
+        (verification rolls back rejected drafts: the rest of the row's slots lose their keep bit,
+        so the cache is as if they were never fed). Under `hold` it only stores the step."""
+        if self.hold:
+            self.held = step
+            return
+        if keep is None:
+            inc = step.n_tokens if step.active is None else step.n_tokens * step.active
+        else:
+            inc = keep if step.active is None else keep * step.active
+            drop = np.arange(step.n_tokens)[None, :] >= keep[:, None]
+            if step.active is not None:
+                drop &= step.active[:, None]
+            if drop.any():
+                r, j = np.nonzero(drop)
+                dev = self.device
+                self.self_keep[torch.from_numpy(r + step.start).to(dev), step.slots[torch.from_numpy(r).to(dev),
+                                                                                     torch.from_numpy(j).to(dev)]] = False
         self.fill[step.start:step.stop] += inc
         self.pos[step.start:step.stop] += inc
         if self.policy is not None:

@@ -85,7 +85,8 @@ def speaker_scores(item: dataset.Item, result) -> dict:
 
 
 def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None, kv_opts=None,
-               sparsity=None, progress=False, diarize=False, compute_type="auto") -> dict:
+               sparsity=None, progress=False, diarize=False, compute_type="auto", speculative="none",
+               spec_opts=None) -> dict:
     """One configuration over the set: a row of pooled scores and stage times; the transcripts go
     under the row's "transcripts" key (cmd_bench writes them out and drops the key)."""
     from murmur.models.loading import get_model
@@ -95,7 +96,7 @@ def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None
     # a spec, not a policy object: transcribe makes a fresh policy per item (policies hold per-run state)
     options = TranscribeOptions(chunk_size=chunk_size, batch_size=batch_size, beam_size=beam_size, progress=progress,
                                 compute_type=compute_type, kv_policy=kv_policy, kv_opts=kv_opts,
-                                encoder_sparsity=sparsity)
+                                encoder_sparsity=sparsity, speculative=speculative, spec_opts=spec_opts)
     per, stats, spk, hyps = [], [], [], []
     mon = peers._PeakRSS()
     with mon.watch():
@@ -119,10 +120,14 @@ def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None
         "name": f"murmur {loaded.compute_type} chunk={chunk_size} batch={batch_size}"
                 + (f" beam={beam_size}" if beam_size > 1 else "")
                 + (f" kv={kv_policy}" if kv_policy and kv_policy != "none" else "")
-                + (f" sparsity={sparsity}" if sparsity and sparsity != "off" else ""),
+                + (f" sparsity={sparsity}" if sparsity and sparsity != "off" else "")
+                + (f" spec={speculative}" if speculative and speculative != "none" else ""),
         "kind": "murmur", "compute_type": loaded.compute_type, "chunk_size": chunk_size,
         "batch_size": batch_size, "beam_size": beam_size,
         "kv_policy": kv_policy or "none", "encoder_sparsity": sparsity or "off",
+        "speculative": speculative or "none", "target_forwards": int(agg("target_forwards")),
+        "draft_tokens": int(agg("draft_tokens")), "accepted_tokens": int(agg("accepted_tokens")),
+        "draft_s": agg("draft_s"), "tokens_per_forward": round(agg("tokens") / max(agg("row_forwards"), 1), 3),
         **_pool(per), "wall_s": round(wall, 2), "rtfx": round(audio_s / wall, 2), "audio_s": round(audio_s, 1),
         "peak_rss_mb": round(mon.peak / 2**20, 1),
         # the samples the bench holds in memory before the run: RSS can be flat only above them
@@ -184,6 +189,8 @@ def add_parser(sub) -> None:
     p.add_argument("--kv-policies", default="none", help="comma list, e.g. none,output-window,duo")
     p.add_argument("--kv-opt", action="append", default=[], help="key=value for the policies")
     p.add_argument("--encoder-sparsities", default="off", help="comma list, e.g. off,1:0.5")
+    p.add_argument("--speculative", default="none", help="comma list, e.g. none,recycle (sweep axis)")
+    p.add_argument("--spec-opt", action="append", default=[], help="key=value for the speculative sources")
     p.add_argument("--repeat", type=int, default=1, help="loop the stitched set N times")
     p.add_argument("--peers", default="", help="comma list: faster-whisper,faster-whisper-batched")
     p.add_argument("--peer-batch-size", type=int, default=8)
@@ -217,11 +224,12 @@ def cmd_bench(args) -> int:
         console.print(_line(rows[-1]))
     configs = itertools.product(_csv_list(args.compute_types), _csv_list(args.chunk_sizes),
                                 [int(b) for b in _csv_list(args.batch_sizes)],
-                                _csv_list(args.kv_policies), _csv_list(args.encoder_sparsities))
-    for ct, chunk, batch, kv, sp in configs:
-        console.print(f"running murmur {ct} chunk={chunk} batch={batch} kv={kv} sparsity={sp} ...")
+                                _csv_list(args.kv_policies), _csv_list(args.encoder_sparsities),
+                                _csv_list(args.speculative))
+    for ct, chunk, batch, kv, sp, spec in configs:
+        console.print(f"running murmur {ct} chunk={chunk} batch={batch} kv={kv} sparsity={sp} spec={spec} ...")
         rows.append(run_murmur(items, args.model, chunk, batch, args.beam_size, kv, kv_opts, sp, args.progress,
-                               args.diarize, compute_type=ct))
+                               args.diarize, compute_type=ct, speculative=spec, spec_opts=args.spec_opt))
         console.print(_line(rows[-1]))
     front = set(pareto_front([(r["wall_s"], r["wer"] if r["wer"] is not None else 0) for r in rows]))
     for i, r in enumerate(rows):
@@ -251,6 +259,7 @@ def cmd_bench(args) -> int:
                               title=f"{args.model}, {args.audio or args.set} ({audio_s / 60:.1f} min)")
     table = Table(title="murmur bench")
     cols = ["name", "wer", "cpwer", "tcpwer", "der", "der_mean", "speakers_exact", "wall_s", "rtfx", "peak_rss_mb", "tokens_per_s", "vad_s", "encode_s", "decode_s",
+            "target_forwards", "tokens_per_forward",
             "batch_occupancy", "wall_vs_fastest_peer", "wall_vs_seq_peer", "pareto"]
     shown = [c for c in cols if any(r.get(c) is not None for r in rows)]
     for c in shown:
@@ -290,7 +299,9 @@ def _fmt(v) -> str:
 
 def _line(r: dict) -> str:
     wer = f"{r['wer']:.2f}%" if r.get("wer") is not None else "-"
-    return f"  {r['name']}: WER {wer}, wall {r['wall_s']:.1f} s, RTFx {r['rtfx']}"
+    spec = (f", decode {r['decode_s']:.2f} s, forwards {r['target_forwards']}, tokens/forward "
+            f"{r['tokens_per_forward']}" if r.get("target_forwards") else "")
+    return f"  {r['name']}: WER {wer}, wall {r['wall_s']:.1f} s, RTFx {r['rtfx']}{spec}"
 
 
 if __name__ == "__main__":

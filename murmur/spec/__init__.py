@@ -1,0 +1,1 @@
+"""Speculative decoding: draft sources (recycle, mtp, draft:MODEL) whose tokens the engine verifies in one forward."""

@@ -1,0 +1,131 @@
+"""Speculative decoding: greedy verification is token-identical to plain decoding on real clips, the
+KV cache rolls rejected drafts back exactly, and speculative sampling keeps the target distribution."""
+import numpy as np
+import pytest
+import torch
+
+from murmur.audio.decode import N_FRAMES, N_SAMPLES, load_audio, log_mel_spectrogram
+from murmur.engine.decoding import DecodingOptions
+from murmur.engine.kv.cache import KVCache
+from murmur.engine.runner import Engine, Request
+from murmur.spec.speculator import parse_speculative, speculative_sample
+
+
+class ListScheduler:
+    def __init__(self, reqs):
+        self.todo, self.done = list(reqs), []
+
+    def pop_ready(self, n):
+        out, self.todo = self.todo[:n], self.todo[n:]
+        return out
+
+    def complete(self, r):
+        self.done.append(r)
+
+    def finished(self):
+        return not self.todo
+
+
+@pytest.fixture(scope="module")
+def mels(data_dir):
+    ted = load_audio(data_dir / "ted" / "bill_gates-TED.mp3")
+    clips = [load_audio(data_dir / "jfk" / "jfk.flac"), ted]
+    return [log_mel_spectrogram(a, padding=N_SAMPLES)[:, :N_FRAMES] for a in clips]
+
+
+def _run(tiny, mels, drafts=None, spec=None, batch=4):
+    tok = tiny.tokenizer
+    reqs = [Request(mel=m, prompt=list(tok.sot_sequence("en", timestamps=True)), key=(i,)) for i, m in enumerate(mels)]
+    for r, d in zip(reqs, drafts or []):
+        r.draft = d
+    e = Engine(tiny, DecodingOptions(), batch_size=batch, speculative=parse_speculative(spec))
+    e.run(ListScheduler(reqs))
+    return [r.tokens for r in reqs], e.stats
+
+
+def test_greedy_verification_is_token_identical(tiny, mels):
+    base, st0 = _run(tiny, mels)
+    assert all(len(t) > 20 for t in base)
+    rng = np.random.default_rng(0)
+
+    def corrupt(t):  # a rejected re-decode's draft: wrong tokens and a gap, realigned after each miss
+        t = list(t)
+        for i in rng.integers(len(t), size=3):
+            t[i] = 1000 + int(rng.integers(5000))
+        del t[len(t) // 2:len(t) // 2 + 2]
+        return t
+    exact = [t + [tiny.tokenizer.eot] for t in base]
+    # rows with no draft, a corrupted one and a late-starting one share steps (different lengths)
+    for drafts, batch in ((exact, 4), ([corrupt(t) for t in base], 4), ([None, corrupt(base[1])], 4),
+                          ([base[0][4:], corrupt(base[1])], 1)):
+        out, st = _run(tiny, mels, drafts, "recycle", batch)
+        assert out == base
+        assert st["accepted_tokens"] > 0 and st["draft_tokens"] >= st["accepted_tokens"]
+        assert st["target_forwards"] < st0["target_forwards"]
+        if drafts is exact:  # perfect drafts: a forward verifies many tokens
+            assert st["target_forwards"] <= st0["target_forwards"] / 3
+
+
+def test_kv_rollback_is_as_if_never_fed(tiny, mels):
+    m, d, tok = tiny.model, tiny.model.dims, tiny.tokenizer
+
+    def cache():
+        c = KVCache(d.n_text_layer, 2, d.n_text_head, d.n_text_state // d.n_text_head, d.n_text_ctx,
+                    d.n_audio_ctx, dtype=m.dtype, cross_dtype=tiny.cross_dtype)
+        for r in range(2):
+            c.load_cross(r, r + 1, kv)
+            m.decoder(torch.tensor([prompt]), c, r)
+        return c
+    prompt = list(tok.sot_sequence("en", timestamps=True))
+    toks = [[50364, 400, 370, 11, 616], [50364, 1029, 257]]
+    with torch.inference_mode():
+        kv = m.decoder.cross_kv(m.encoder(mels[0][None].to(m.dtype)))
+        a, b = cache(), cache()
+        for r, t in enumerate(toks):  # plain: one token a forward
+            for x in t[:3]:
+                m.decoder(torch.tensor([[x]]), a, r)
+        # verify: row 0 feeds 5 (keeps 3), row 1 feeds 3 padded to 5 (keeps 2, then 1 more)
+        b.hold = True
+        m.decoder(torch.tensor([toks[0], toks[1] + [0, 0]]), b, 0)
+        b.hold = False
+        b.commit(b.held, np.array([3, 2]))
+        m.decoder(torch.tensor([[toks[1][2]]]), b, 1)
+        assert (a.fill == b.fill).all() and (a.pos == b.pos).all()
+        assert torch.equal(a.self_keep, b.self_keep)
+        n = int(a.fill[0])
+        assert torch.equal(a.k[:, :, :, :n], b.k[:, :, :, :n]) and torch.equal(a.v[:, :, :, :n], b.v[:, :, :, :n])
+        nxt = torch.tensor([[toks[0][3]], [toks[1][2]]])
+        assert torch.equal(m.decoder(nxt, a, 0), m.decoder(nxt, b, 0))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_speculative_sampling_keeps_target_distribution(deterministic):
+    from scipy.stats import chisquare
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.05, 0.4, 0.1, 0.25, 0.2], [0.2, 0.2, 0.2, 0.2, 0.2]], dtype=torch.float64)
+    q = torch.tensor([[0.5, 0.1, 0.3, 0.05, 0.05]], dtype=torch.float64)
+    n = 20000
+    counts = np.zeros(5)
+    for _ in range(n):
+        if deterministic:  # a fixed draft (recycle): q is one-hot on token 1
+            draft, qq = [1], None
+        else:
+            draft, qq = [int(torch.multinomial(q[0], 1, generator=g))], q
+        na, nxt = speculative_sample(p, draft, g, qq)
+        counts[draft[0] if na == 1 else nxt] += 1
+    assert chisquare(counts, n * p[0].numpy()).pvalue > 1e-3
+
+
+def test_fallback_sampling_is_token_identical(tiny, mels):
+    """A fallback re-decode drafted by the rejected greedy decode samples what plain decoding samples."""
+    tok = tiny.tokenizer
+    greedy, _ = _run(tiny, mels[:1])
+    out = []
+    for spec in (None, "recycle"):
+        r = Request(mel=mels[0], prompt=list(tok.sot_sequence("en", timestamps=True)), temperature=0.6, sample_len=48,
+                    key=(0, 5), draft=greedy[0])
+        e = Engine(tiny, DecodingOptions(), batch_size=5, speculative=parse_speculative(spec))
+        e.run(ListScheduler([r]))
+        out.append((r.tokens, e.stats))
+    assert out[0][0] == out[1][0]
+    assert out[1][1]["accepted_tokens"] > 0 and out[1][1]["target_forwards"] < out[0][1]["target_forwards"]
