@@ -211,6 +211,20 @@ class Job:
                           language=self.language, stats=stats, source=self.source, turns=turns)
 
 
+
+def engine_plugins(loaded: LoadedModel, o) -> tuple:
+    """The KV policy and encoder hooks that `o` (TranscribeOptions) asks for, built for `loaded`:
+    every engine, local, served or on Ray, plugs in the same ones."""
+    kv_policy = o.kv_policy
+    if isinstance(kv_policy, str):
+        from murmur.engine.kv.policies import parse_kv_policy
+        kv_policy = parse_kv_policy(kv_policy, o.kv_opts, loaded)
+    hooks = list(o.encoder_hooks)
+    if o.encoder_sparsity:
+        from murmur.engine.sparsify import parse_encoder_sparsity
+        hooks += parse_encoder_sparsity(o.encoder_sparsity, loaded)
+    return kv_policy, hooks
+
 def transcribe(
     audio: str | os.PathLike | np.ndarray | bytes,
     model: str | LoadedModel = "tiny.en",
@@ -238,14 +252,7 @@ def transcribe(
         raise MurmurError(f"audio must be mono 1-D samples at 16 kHz, got shape {audio.shape}")
     job = Job(loaded, audio, o, source=source)
     job.t_start = t_start
-    kv_policy = o.kv_policy
-    if isinstance(kv_policy, str):
-        from murmur.engine.kv.policies import parse_kv_policy
-        kv_policy = parse_kv_policy(kv_policy, o.kv_opts, loaded)
-    hooks = list(o.encoder_hooks)
-    if o.encoder_sparsity:
-        from murmur.engine.sparsify import parse_encoder_sparsity
-        hooks += parse_encoder_sparsity(o.encoder_sparsity, loaded)
+    kv_policy, hooks = engine_plugins(loaded, o)
     speculative = o.speculative
     if isinstance(speculative, str):
         from murmur.spec.speculator import parse_speculative

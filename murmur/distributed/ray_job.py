@@ -85,14 +85,8 @@ class _Line:
     def __init__(self, loaded, opts, o):
         from murmur.distributed.feed import FeedScheduler
         from murmur.engine.runner import Engine
-        kv_policy = o.kv_policy
-        if isinstance(kv_policy, str):
-            from murmur.engine.kv.policies import parse_kv_policy
-            kv_policy = parse_kv_policy(kv_policy, o.kv_opts, loaded)
-        hooks = list(o.encoder_hooks)
-        if o.encoder_sparsity:
-            from murmur.engine.sparsify import parse_encoder_sparsity
-            hooks += parse_encoder_sparsity(o.encoder_sparsity, loaded)
+        from murmur.transcribe import engine_plugins
+        kv_policy, hooks = engine_plugins(loaded, o)
         self.engine = Engine(loaded, opts, batch_size=o.batch_size, kv_policy=kv_policy, encoder_hooks=hooks,
                              seed=o.seed)
         self.scheduler = FeedScheduler(o.queue_limit or 2 * self.engine.batch_size)
