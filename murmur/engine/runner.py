@@ -196,19 +196,8 @@ class Engine:
             for j, r in enumerate(act.rows):
                 if act.done[j]:
                     continue
-                t, i = nxt_h[where[r]], where[r]
-                act.sums[j] += lp_h[i]
-                self.stats["tokens"] += 1
-                if t == self.tok.eot:
-                    act.done[j] = True
-                else:
-                    seq = act.seqs[j]
-                    seq.append(t)
-                    if len(seq) >= act.req.sample_len:
-                        act.done[j] = True
-                    elif (act.req.stop_check is not None and len(seq) % STOP_EVERY == 0
-                          and act.req.stop_check(seq)):
-                        act.done[j] = act.stopped[j] = True
+                i = where[r]
+                self._take(act, j, nxt_h[i], lp_h[i])
         self.last_token[idx] = nxt
         st.push(idx, nxt, self.tok.timestamp_begin)
         observe = getattr(self.cache.policy, "observe_tokens", None)
@@ -311,20 +300,8 @@ class Engine:
             for j, r in enumerate(act.rows):
                 if act.done[j]:
                     continue
-                seq = act.seqs[j]
                 for t, lp in zip(chains[r], lp_at[r]):
-                    act.sums[j] += lp
-                    self.stats["tokens"] += 1
-                    if t == eot:
-                        act.done[j] = True
-                    else:
-                        seq.append(t)
-                        if len(seq) >= act.req.sample_len:
-                            act.done[j] = True
-                        elif (act.req.stop_check is not None and len(seq) % STOP_EVERY == 0
-                              and act.req.stop_check(seq)):
-                            act.done[j] = act.stopped[j] = True
-                    if act.done[j]:
+                    if self._take(act, j, t, lp):
                         break
         # row state after each row's chain, as pushing its tokens one by one would leave it
         for r in range(hi):
@@ -344,6 +321,23 @@ class Engine:
             if all(act.done):
                 self._finish(act)
         return keep
+
+    def _take(self, act: _Active, j: int, t: int, lp: float) -> bool:
+        """Record token `t` (log-prob `lp`) for candidate `j` of `act`: eot, the sample length and
+        the stop check end it. True when the candidate is done."""
+        act.sums[j] += lp
+        self.stats["tokens"] += 1
+        if t == self.tok.eot:
+            act.done[j] = True
+        else:
+            seq = act.seqs[j]
+            seq.append(t)
+            if len(seq) >= act.req.sample_len:
+                act.done[j] = True
+            elif (act.req.stop_check is not None and len(seq) % STOP_EVERY == 0
+                  and act.req.stop_check(seq)):
+                act.done[j] = act.stopped[j] = True
+        return act.done[j]
 
     def _beam_step(self, act: _Active, logprobs: Tensor, nxt: Tensor, where: dict[int, int]) -> None:
         src, toks, done = act.beam.step(logprobs)
