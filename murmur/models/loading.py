@@ -14,8 +14,8 @@ import torch
 from murmur.cpu import native_bf16
 from murmur.errors import ModelError
 from murmur.models.common import LoadedModel
-from murmur.models.kernels import kernel_plan
 from murmur.models.ctranslate2 import BUNDLED, load_ct2_folder
+from murmur.models.kernels import kernel_plan
 from murmur.models.whisper import TiedLogits, Whisper
 
 
