@@ -44,8 +44,10 @@ def test_plans_of_the_bf16_families():
     amx = kernels._plan("auto", False, cpu.CPUInfo("x", feats, "amx", None))
     zen5 = kernels._plan("auto", False, cpu.CPUInfo("x", feats - {"amx", "amx_bf16"}, "avx512_bf16", None))
     assert (amx.compute_type, amx.encoder, amx.int8, amx.speech_kv) == ("int8_bfloat16", "bf16", "onednn", "bf16")
-    # bf16 SDPA without AMX ran 3x slower than fp32: the speech K/V stay fp32 there
-    assert (zen5.encoder, zen5.int8, zen5.speech_kv) == ("bf16", "onednn", "fp32")
+    assert (amx.attention, amx.encoder_attention) == ("sdpa", "sdpa")
+    # bf16 SDPA without AMX ran 2-3x slower than fp32: there bf16 attention runs as matmuls
+    assert (zen5.encoder, zen5.int8, zen5.speech_kv) == ("bf16", "onednn", "bf16")
+    assert (zen5.attention, zen5.encoder_attention) == ("matmul", "matmul")
     assert kernels._plan("auto", True, cpu.CPUInfo("x", feats, "amx", None)).compute_type == "float16"
 
 
@@ -76,6 +78,27 @@ def test_default_tokens_identical_at_batch_1_and_16(family, data_dir, forced):
     many = murmur.transcribe(audio, m, chunk_size=6, batch_size=16)
     assert one.stats["chunks"] >= 3 and many.stats["mean_active_rows"] > 1
     assert [(s.start, s.end, s.text) for s in one.segments] == [(s.start, s.end, s.text) for s in many.segments]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_attention_paths_match_sdpa(dtype):
+    from murmur.models.whisper import blocked_attention, matmul_attention
+    g = torch.Generator().manual_seed(0)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16 inputs: a few ulps of bf16
+    q, k, v = (torch.randn(3, 6, 1500, 64, generator=g).to(dtype) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert (blocked_attention(q, k, v).float() - ref).abs().max() < tol
+    qs = q[:, :, :2]
+    mask = torch.ones(3, 1, 1, 1500, dtype=torch.bool)
+    mask[1, ..., 1200:] = False  # a row whose window is shorter
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+    ref = torch.nn.functional.scaled_dot_product_attention(qs.float(), k.float(), v.float(), attn_mask=mask)
+    got = matmul_attention(qs, k, v, mask, bias)
+    assert (got.float() - ref).abs().max() < tol
+    # a row's result is the same alone, and query by query (verification) as in one call
+    assert torch.equal(matmul_attention(qs[1:2], k[1:2], v[1:2], mask[1:2], bias[1:2]), got[1:2])
+    assert torch.equal(matmul_attention(qs, k, v, mask, bias, per_query=True)[:, :, 1:2],
+                       matmul_attention(qs[:, :, 1:2], k, v, mask, bias))
 
 
 def test_info_names_the_cpu_and_a_path_per_op(capsys):

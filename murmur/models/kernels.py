@@ -2,9 +2,10 @@
 
 The rules come from measurements (docs/benchmarks.md, `murmur info --bench` shows them again on any
 machine): bf16 is chosen only where the CPU has it in hardware; `torch._int_mm` (oneDNN) only with
-AVX-512 VNNI, since elsewhere it is generic code; fbgemm's int8 GEMM everywhere else; the speech K/V
-stay bf16 only on AMX, where bf16 attention is fast (on AVX512-BF16 without AMX and on AVX2,
-bf16 SDPA ran 3x slower than fp32).
+AVX-512 VNNI, since elsewhere it is generic code; fbgemm's int8 GEMM everywhere else. The speech K/V
+are bf16 wherever bf16 is native: on AMX read by SDPA; on AVX512-BF16 without AMX, where bf16 SDPA
+runs 2-3x slower than fp32, by two matmuls (murmur.models.whisper.matmul_attention), which beat fp32
+SDPA there; fp32 on AVX2.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ class KernelPlan:
     encoder: str  # GEMMs of the encoder and the cross K/V projections (once per window)
     decoder: str  # per-token GEMMs and the logit head (memory-bound)
     speech_kv: str  # storage dtype of the decoder's cross-attention K/V
-    attention: str  # attention over the speech K/V
+    attention: str  # attention over the speech K/V: "sdpa" or "matmul"
+    encoder_attention: str  # the encoder's self-attention: "sdpa" or "matmul" (blocked)
     lstm: str  # VAD / speaker LSTMs
     int8: str | None  # int8 GEMM when one is used: "onednn" or "fbgemm"
 
@@ -42,14 +44,18 @@ def _plan(compute_type: str, cuda: bool, info: CPUInfo) -> KernelPlan:
         # a CPU decode step is memory-bound, and int8 weights are a quarter of fp32's bytes
         compute_type = "float16" if cuda else ("int8_bfloat16" if info.native_bf16 else "int8")
     lstm = "bf16" if info.native_bf16 else "fp32"
+    # bf16 matmuls without AMX: oneDNN's are fast, SDPA's bf16 kernel is not
+    matmul = "matmul" if not cuda and info.family == "avx512_bf16" else "sdpa"
     if cuda or not compute_type.startswith("int8"):
         name = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[compute_type]
         kv = "fp32" if compute_type == "float32" and not cuda else name
-        return KernelPlan(compute_type, name, name, kv, "sdpa", lstm, None)
+        att = matmul if name == "bf16" else "sdpa"
+        return KernelPlan(compute_type, name, name, kv, att, att, lstm, None)
     kernel = int8_kernel(info)
     enc = "bf16" if compute_type == "int8_bfloat16" else f"int8 {kernel}"
-    kv = "bf16" if info.family == "amx" else "fp32"
-    return KernelPlan(compute_type, enc, f"int8 {kernel}", kv, "sdpa", lstm, kernel)
+    kv = "bf16" if info.native_bf16 else "fp32"
+    return KernelPlan(compute_type, enc, f"int8 {kernel}", kv, matmul if kv == "bf16" else "sdpa",
+                      matmul if enc == "bf16" else "sdpa", lstm, kernel)
 
 
 def kernel_plan(compute_type: str = "auto", device: str = "cpu") -> KernelPlan:
@@ -120,7 +126,10 @@ def micro_bench(budget: float = 0.3, d: int = 384, vocab: int = 51864, frames: i
         k = torch.randn(rows, heads, frames, d // heads, dtype=dt)
         v = torch.randn_like(k)
         qd = q.to(dt)
-        times[name] = _time(lambda: torch.nn.functional.scaled_dot_product_attention(qd, k, v), budget)
+        times[f"{name} sdpa"] = _time(lambda: torch.nn.functional.scaled_dot_product_attention(qd, k, v), budget)
+        if dt == torch.bfloat16:
+            from murmur.models.whisper import matmul_attention
+            times["bf16 matmul"] = _time(lambda: matmul_attention(qd, k, v, None, 0.0), budget)
     out.append({"op": f"speech attention, {rows} rows", "shape": f"{rows}x{heads}x{frames}x{d // heads}",
                 "ms": times})
     return out
@@ -137,7 +146,8 @@ def format_info(bench: list[dict] | None = None) -> str:
     for ct in ("auto", "int8", "int8_bfloat16", "float32"):
         p = kernel_plan(ct)
         lines.append(f"  {ct:<14} -> {p.compute_type:<14} encoder {p.encoder:<12} decoder {p.decoder:<12} "
-                     f"speech K/V {p.speech_kv:<5} attention {p.attention}  LSTMs {p.lstm}")
+                     f"speech K/V {p.speech_kv:<5} attention {p.attention:<6} encoder attention "
+                     f"{p.encoder_attention:<6} LSTMs {p.lstm}")
     if not info.native_bf16:
         lines.append("  (int8_bfloat16 runs here only when asked for: no bf16 in hardware, it is slow)")
     lines += ["", "force another family's paths: MURMUR_CPU=avx2 (our probe) with ATEN_CPU_CAPABILITY=avx2 "
