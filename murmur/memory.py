@@ -38,9 +38,11 @@ class BufferPool:
     buffers sit above any malloc threshold, so a fresh one faults in every page (KV caches: 0.4 s
     for tiny.en at 16 rows); a reused one is only zeroed again."""
 
-    def __init__(self, keep: int = 2):
+    def __init__(self, keep: int = 2, max_bytes: int = 512 << 20):
         self.keep = keep  # free buffers kept per key: engines of one shape rarely overlap more
-        self._free: dict[tuple, list] = {}
+        self.max_bytes = max_bytes  # engines sized to their streams make many shapes: bound the total
+        self._free: dict[tuple, list] = {}  # insertion order = age, for eviction
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def zeros(self, owner: object, shape: tuple, dtype, device):
@@ -50,6 +52,10 @@ class BufferPool:
         with self._lock:
             free = self._free.get(key)
             t = free.pop() if free else None
+            if t is not None:
+                self._bytes -= t.nbytes
+                if not free:
+                    del self._free[key]
         if t is None:
             t = torch.zeros(shape, dtype=dtype, device=device)
         else:
@@ -59,13 +65,24 @@ class BufferPool:
 
     def _give_back(self, key: tuple, t) -> None:
         with self._lock:
-            free = self._free.setdefault(key, [])
-            if len(free) < self.keep:
+            free = self._free.pop(key, [])  # re-inserted last: the newest key
+            if len(free) < self.keep and t.nbytes <= self.max_bytes:
                 free.append(t)
+                self._bytes += t.nbytes
+            if free:
+                self._free[key] = free
+            while self._bytes > self.max_bytes:  # drop the oldest keys' buffers
+                old = next(iter(self._free))
+                self._bytes -= sum(x.nbytes for x in self._free.pop(old))
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
 
     def clear(self) -> None:
         with self._lock:
             self._free.clear()
+            self._bytes = 0
 
 
 POOL = BufferPool()
