@@ -22,7 +22,7 @@ def _blocks(enc, mel, upto):
     x = F.gelu(enc.conv2(x)).transpose(1, 2) + enc.positional_embedding
     received = None
     for i, b in enumerate(enc.blocks[: upto + 1]):
-        x, received = b.encode(x, need_weights=i == upto)
+        x, received = b.encode(x, need_weights=i == upto, attention=enc.attention)
     return x, received
 
 
@@ -42,7 +42,7 @@ def test_keeps_most_attended_frames_in_order(tiny, mel, layer, frac):
     # the remaining blocks ran on exactly the kept frames
     y = x[:, kept]
     for b in enc.blocks[layer + 1:]:
-        y, _ = b.encode(y)
+        y, _ = b.encode(y, attention=enc.attention)
     torch.testing.assert_close(out, enc.ln_post(y), rtol=1e-5, atol=1e-5)
 
 
