@@ -52,7 +52,7 @@ def load_model(name_or_path: str | os.PathLike = "tiny.en", device: str | None =
     Compute types:
       int8           (CPU) every Linear int8, row-wise, so batch-invariant (murmur.models.quant), on
                      oneDNN where the CPU has AVX-512 VNNI, else fbgemm; speech K/V of the decoder
-                     cache in bf16 on AMX (a decode step's largest read, halved), else fp32.
+                     cache in bf16 where bf16 is native (a decode step's largest read, halved), else fp32.
       int8_bfloat16  (CPU) the per-token decoder as int8; the encoder and the cross K/V
                      projections in bf16. Where the CPU has bf16 in hardware, their large GEMMs
                      run 2.7x faster than int8's (see quantize_int8).
