@@ -211,7 +211,6 @@ class Job:
                           language=self.language, stats=stats, source=self.source, turns=turns)
 
 
-
 def engine_plugins(loaded: LoadedModel, o) -> tuple:
     """The KV policy and encoder hooks that `o` (TranscribeOptions) asks for, built for `loaded`:
     every engine, local, served or on Ray, plugs in the same ones."""
@@ -224,6 +223,7 @@ def engine_plugins(loaded: LoadedModel, o) -> tuple:
         from murmur.engine.sparsify import parse_encoder_sparsity
         hooks += parse_encoder_sparsity(o.encoder_sparsity, loaded)
     return kv_policy, hooks
+
 
 def transcribe(
     audio: str | os.PathLike | np.ndarray | bytes,
