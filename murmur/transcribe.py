@@ -196,6 +196,7 @@ class Job:
             "chunks": len(self.plans),
             "windows": sum(s.windows for s in streams),
             "fallbacks": sum(s.fallbacks for s in streams),
+            "echo_retries": sum(s.echo_retries for s in streams),
             "skipped_no_speech": sum(s.skipped_no_speech for s in streams),
             "dropped_repetitive": sum(s.dropped_repetitive for s in streams),
             "vad_s": round(self.vad_s, 3),

@@ -5,6 +5,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 import murmur
 from murmur.audio.decode import SAMPLE_RATE
@@ -31,7 +32,7 @@ class CountingScheduler(StreamScheduler):
         self.decoded = Counter()
 
     def complete(self, req):
-        self.decoded[(req.owner.index, req.owner.seek, req.tag["t_index"])] += 1
+        self.decoded[(req.owner.index, req.owner.seek, req.tag["t_index"], req.tag["prompted"])] += 1
         super().complete(req)
 
 
@@ -53,7 +54,7 @@ def test_scheduler_decodes_every_window_once_and_matches_chunks_alone(tiny, reco
     streams, sched, engine = _run(tiny, plans, batch_size=4)
     # every (chunk, seek, temperature) window is decoded exactly once, and each stream finished
     assert set(sched.decoded.values()) == {1}
-    assert sum(s.windows for s in streams) + sum(s.fallbacks for s in streams) == len(sched.decoded)
+    assert sum(s.windows + s.fallbacks + s.echo_retries for s in streams) == len(sched.decoded)
     assert all(s.done for s in streams)
     # continuous batching: rows ran side by side, and a window joined rows that were mid-decode
     assert engine.stats["row_steps"] / engine.stats["steps"] > 3
@@ -79,3 +80,37 @@ def test_chunked_output_is_ordered_and_in_recording_time(tiny, recording):
     # the last LJSpeech sentence sits at the end of the recording, in its own time
     assert r.segments[-1].start > 110
     assert r.stats["chunks"] >= 4 and 0 < r.stats["batch_occupancy"] <= 1
+
+
+def test_a_window_that_copies_its_prompt_is_decoded_again_without_it(tiny):
+    tok = tiny.tokenizer
+    ts = tok.timestamp_begin
+    audio = dataset.ljspeech_items()[0].audio
+    st = ChunkStream(audio, tok, DecodingOptions(language="en"), language="en")
+    said = tok.encode(" I think it should be a break for Ash, but maybe that should be in the end.")
+    st.all_tokens = [ts] + said + [ts + 500]
+    first = st.next_request()
+    assert first.prompt[0] == tok.sot_prev and first.tag["prompted"]
+    # the decode repeats the context's words (a loop carried from the last window)
+    first.tokens = [ts] + tok.encode(" I think it should be a break for Ash.") + [ts + 300]
+    retry = st.on_result(first)
+    assert retry is not None and st.echo_retries == 1
+    assert tok.sot_prev not in retry.prompt and not retry.tag["prompted"]
+    assert retry.tag["t_index"] == first.tag["t_index"] and torch.equal(retry.mel, first.mel)
+    # the fresh decode is kept, and the next window is not prompted with the dropped context
+    retry.tokens = [ts] + tok.encode(" Printing, in the only sense.") + [ts + 300]
+    assert st.on_result(retry) is None
+    assert st.segments[-1].text.strip() == "Printing, in the only sense."
+    assert st.all_tokens[st.prompt_reset_since:] == retry.tokens
+
+
+def test_short_or_new_text_is_not_an_echo(tiny):
+    tok = tiny.tokenizer
+    ts = tok.timestamp_begin
+    audio = dataset.ljspeech_items()[0].audio
+    for words in (" Okay. Okay.", " Printing, in the only sense with which we are concerned."):
+        st = ChunkStream(audio, tok, DecodingOptions(language="en"), language="en")
+        st.all_tokens = [ts] + tok.encode(" Okay. Okay. I think it should be a break.") + [ts + 500]
+        req = st.next_request()
+        req.tokens = [ts] + tok.encode(words) + [ts + 300]
+        assert st.on_result(req) is None and st.echo_retries == 0

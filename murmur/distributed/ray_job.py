@@ -136,7 +136,7 @@ class Transcriber:
         if group.error is not None:
             raise group.error
         stats = {k: sum(getattr(s, k) for s in streams)
-                 for k in ("windows", "fallbacks", "skipped_no_speech", "dropped_repetitive")}
+                 for k in ("windows", "fallbacks", "echo_retries", "skipped_no_speech", "dropped_repetitive")}
         return [s.segments for s in streams], stats, self.loaded.name, lang
 
 

@@ -2,11 +2,13 @@
 
 A `ChunkStream` walks its audio in windows of at most 30 s: it submits a window, and when the result
 comes back it applies the temperature fallback, the no-speech rule, cuts segments at timestamp pairs,
-seeks to the last complete timestamp and carries the text as the next prompt. Context flows within
-a chunk and never across chunks. Many streams interleave in one engine (see murmur.engine.scheduler).
+seeks to the last complete timestamp and carries the text as the next prompt; a window that copies
+its prompt (a loop carried across windows) is decoded again without it. Context flows within a chunk
+and never across chunks. Many streams interleave in one engine (see murmur.engine.scheduler).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +23,13 @@ from murmur.types import Segment
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
 INPUT_STRIDE = 2  # mel frames per encoder frame
 TIME_PRECISION = 0.02  # seconds per timestamp token
+ECHO_MIN_WORDS = 4  # shorter repeats ("okay, okay") are real speech often enough
+ECHO_SHARE = 0.6  # share of a window's word trigrams found in its prompt that marks it a copy
 SILENCE_RMS = 1e-4  # -80 dBFS: below any recorded room tone, so only true silence is skipped
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
 
 
 @dataclass
@@ -55,6 +63,7 @@ class ChunkStream:
     done: bool = False
     windows: int = 0
     fallbacks: int = 0
+    echo_retries: int = 0
     skipped_no_speech: int = 0
     dropped_repetitive: int = 0
     # opt-in word timestamps (murmur.speakers.timing), aligned per window from its encoder output
@@ -117,10 +126,10 @@ class ChunkStream:
         a = self.audio[self.seek * HOP_LENGTH:(self.seek + size) * HOP_LENGTH]
         return a.size == 0 or float(np.sqrt(np.mean(a.astype(np.float64) ** 2))) < SILENCE_RMS
 
-    def _request(self, mel, temperature: float, size: int, features=None) -> Request:
+    def _request(self, mel, temperature: float, size: int, features=None, prompted: bool = True) -> Request:
         tok = self.tokenizer
         prompt = []
-        context = self.all_tokens[self.prompt_reset_since:]
+        context = self.all_tokens[self.prompt_reset_since:] if prompted else []
         if context:
             prompt = [tok.sot_prev] + context[-(self.n_text_ctx // 2 - 1):]
         prompt += tok.sot_sequence(self.language, timestamps=not self.options.without_timestamps)
@@ -132,7 +141,7 @@ class ChunkStream:
                      and t_index + 1 < len(o.temperature))
         stop = self._over_compression if stoppable else None
         return Request(mel=mel, prompt=prompt, temperature=temperature, sample_len=sample_len, owner=self,
-                       tag={"size": size, "t_index": t_index}, features=features, stop_check=stop,
+                       tag={"size": size, "t_index": t_index, "prompted": bool(context)}, features=features, stop_check=stop,
                        key=(self._window_start_cs(), t_index))
 
     def _window_start_cs(self) -> int:
@@ -147,6 +156,17 @@ class ChunkStream:
     def _over_compression(self, tokens: list[int]) -> bool:
         return self._ratio(tokens) > self.options.compression_ratio_threshold
 
+    def _echoes_prompt(self, req: Request) -> bool:
+        """True when most of the window's word trigrams (at least ECHO_MIN_WORDS words) are in its prompt."""
+        tok, eot = self.tokenizer, self.tokenizer.eot
+        words = _words(tok.decode([t for t in req.tokens if t < eot]))
+        if len(words) < ECHO_MIN_WORDS:
+            return False
+        context = _words(tok.decode([t for t in req.prompt if t < eot]))
+        seen = set(zip(context, context[1:], context[2:]))
+        grams = list(zip(words, words[1:], words[2:]))
+        return sum(g in seen for g in grams) >= ECHO_SHARE * len(grams)
+
     def on_result(self, req: Request) -> Request | None:
         """Apply the fallback and seek rules; returns a retry request when the window must be redone."""
         o = self.options
@@ -157,12 +177,20 @@ class ChunkStream:
         silent = o.no_speech_threshold is not None and req.no_speech_prob > o.no_speech_threshold
         needs_fallback = (too_repetitive or too_unsure) and not (silent and too_unsure)
         t_index = req.tag["t_index"]
+        prompted = req.tag["prompted"]
+        if prompted and not needs_fallback and self._echoes_prompt(req):
+            # the window copied its prompt (a loop carried across windows): decode it afresh
+            self.echo_retries += 1
+            return self._request(req.mel, o.temperature[t_index], req.tag["size"], req.features, prompted=False)
         if needs_fallback and t_index + 1 < len(o.temperature):
             self.fallbacks += 1
-            retry = self._request(req.mel, o.temperature[t_index + 1], req.tag["size"], req.features)
+            retry = self._request(req.mel, o.temperature[t_index + 1], req.tag["size"], req.features,
+                                  prompted=prompted)
             retry.draft = req.tokens  # the rejected decode drafts the re-decode
             return retry
         self.waiting = False
+        if not prompted:
+            self.prompt_reset_since = len(self.all_tokens)  # what follows never sees the dropped context
         self._advance(req, ratio, drop=needs_fallback and too_repetitive)
         return None
 

@@ -136,6 +136,7 @@ def run_murmur(items, model, chunk_size, batch_size, beam_size=1, kv_policy=None
         "vad_s": agg("vad_s"), "encode_s": agg("encode_s"), "decode_s": agg("decode_s"),
         "prefill_s": agg("prefill_s"), "forward_s": agg("forward_s"), "stitch_s": agg("stitch_s"),
         "chunks": int(agg("chunks")), "windows": int(agg("windows")), "fallbacks": int(agg("fallbacks")),
+        "echo_retries": int(agg("echo_retries")),
         "batch_occupancy": round(slot_steps, 3), "wasted_row_frac": round(1 - slot_steps, 3),
         "mean_active_rows": round(np.mean([s.get("mean_active_rows", 0) for s in stats]), 2),
         "kv_logical": kv_log, "kv_physical": kv_phys,
