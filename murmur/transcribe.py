@@ -212,9 +212,9 @@ class Job:
                           language=self.language, stats=stats, source=self.source, turns=turns)
 
 
-def engine_plugins(loaded: LoadedModel, o) -> tuple:
-    """The KV policy and encoder hooks that `o` (TranscribeOptions) asks for, built for `loaded`:
-    every engine, local, served or on Ray, plugs in the same ones."""
+def engine_plugins(loaded: LoadedModel, o) -> dict:
+    """The KV policy, encoder hooks and speculator that `o` (TranscribeOptions) asks for, built for
+    `loaded`, as Engine keywords: every engine, local, served or on Ray, plugs in the same ones."""
     kv_policy = o.kv_policy
     if isinstance(kv_policy, str):
         from murmur.engine.kv.policies import parse_kv_policy
@@ -223,7 +223,17 @@ def engine_plugins(loaded: LoadedModel, o) -> tuple:
     if o.encoder_sparsity:
         from murmur.engine.sparsify import parse_encoder_sparsity
         hooks += parse_encoder_sparsity(o.encoder_sparsity, loaded)
-    return kv_policy, hooks
+    speculative = o.speculative
+    if isinstance(speculative, str):
+        from murmur.spec.speculator import parse_speculative
+        speculative = parse_speculative(speculative, o.spec_opts, loaded)
+    return {"kv_policy": kv_policy, "encoder_hooks": hooks, "speculative": speculative}
+
+
+def plugins_key(o) -> tuple:
+    """What identifies the plug-ins of `o`: engines whose options give the same key can share rows."""
+    return (repr(o.kv_policy), repr(o.kv_opts), o.encoder_sparsity, o.encoder_hooks, repr(o.speculative),
+            repr(o.spec_opts))
 
 
 def transcribe(
@@ -253,13 +263,8 @@ def transcribe(
         raise MurmurError(f"audio must be mono 1-D samples at 16 kHz, got shape {audio.shape}")
     job = Job(loaded, audio, o, source=source)
     job.t_start = t_start
-    kv_policy, hooks = engine_plugins(loaded, o)
-    speculative = o.speculative
-    if isinstance(speculative, str):
-        from murmur.spec.speculator import parse_speculative
-        speculative = parse_speculative(speculative, o.spec_opts, loaded)
-    engine = Engine(loaded, job.options, batch_size=o.batch_size, kv_policy=kv_policy, encoder_hooks=hooks,
-                    seed=o.seed, max_streams=len(job.streams), speculative=speculative)
+    engine = Engine(loaded, job.options, batch_size=o.batch_size, seed=o.seed, max_streams=len(job.streams),
+                    **engine_plugins(loaded, o))
     bar = _progress(o.progress, job.duration, job.speech_seconds, source)
     scheduler = StreamScheduler(job.streams, max_open=o.queue_limit or 2 * engine.batch_size,
                                 on_progress=bar.advance if bar else None)

@@ -134,3 +134,15 @@ def test_fallback_sampling_is_token_identical(tiny, mels):
         out.append((r.tokens, e.stats))
     assert out[0][0] == out[1][0]
     assert out[1][1]["accepted_tokens"] > 0 and out[1][1]["target_forwards"] < out[0][1]["target_forwards"]
+
+
+def test_every_engine_gets_the_speculator_the_options_ask_for(tiny):
+    # transcribe, the server and the Ray actors all build their engines from engine_plugins
+    from murmur.options import TranscribeOptions
+    from murmur.transcribe import engine_plugins, plugins_key
+    plain, spec = TranscribeOptions(), TranscribeOptions(speculative="recycle")
+    assert engine_plugins(tiny, plain)["speculative"] is None
+    sp = engine_plugins(tiny, spec)["speculative"]
+    assert sp is not None and type(sp) is type(parse_speculative("recycle", None, tiny))
+    assert Engine(tiny, DecodingOptions(), **engine_plugins(tiny, spec)).spec is not None
+    assert plugins_key(plain) != plugins_key(spec)  # so they never share an engine

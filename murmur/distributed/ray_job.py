@@ -86,9 +86,7 @@ class _Line:
         from murmur.distributed.feed import FeedScheduler
         from murmur.engine.runner import Engine
         from murmur.transcribe import engine_plugins
-        kv_policy, hooks = engine_plugins(loaded, o)
-        self.engine = Engine(loaded, opts, batch_size=o.batch_size, kv_policy=kv_policy, encoder_hooks=hooks,
-                             seed=o.seed)
+        self.engine = Engine(loaded, opts, batch_size=o.batch_size, seed=o.seed, **engine_plugins(loaded, o))
         self.scheduler = FeedScheduler(o.queue_limit or 2 * self.engine.batch_size)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -119,11 +117,10 @@ class Transcriber:
     def transcribe(self, data: dict, gi: int, o):
         import numpy as np
 
-        from murmur.transcribe import ChunkPlan, chunk_streams, decoding_options
+        from murmur.transcribe import ChunkPlan, chunk_streams, decoding_options, plugins_key
         opts, tok, lang = decoding_options(self.loaded, data["head"], o)
         # one engine per set of rules: recordings with the same options share its rows
-        key = (opts, lang, o.batch_size, repr(o.kv_policy), repr(o.kv_opts), o.encoder_sparsity, o.encoder_hooks,
-               o.seed, o.queue_limit)
+        key = (opts, lang, o.batch_size, plugins_key(o), o.seed, o.queue_limit)
         with self.lock:
             line = self.lines.get(key)
             if line is None or line.scheduler.stopped:

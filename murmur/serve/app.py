@@ -153,16 +153,13 @@ class Hub:
 
     def loop_for(self, model_name: str, loaded, o) -> EngineLoop:
         """Requests share an engine unless what the engine itself uses differs."""
+        from murmur.transcribe import engine_plugins, plugins_key
         eopts = engine_options(o.decoding_options())
-        kv_policy = (o.kv_policy or "none").strip() if isinstance(o.kv_policy, str) else "none"
-        key = (model_name, eopts, kv_policy, tuple(sorted((o.kv_opts or {}).items())), o.seed)
+        key = (model_name, eopts, plugins_key(o), o.seed)
         if key not in self.loops:
             from murmur.engine.runner import Engine
-            policy = None
-            if kv_policy != "none":
-                from murmur.engine.kv.policies import parse_kv_policy
-                policy = parse_kv_policy(kv_policy, o.kv_opts, loaded)
-            engine = Engine(loaded, eopts, batch_size=self.config.batch_size, kv_policy=policy, seed=o.seed)
+            engine = Engine(loaded, eopts, batch_size=self.config.batch_size, seed=o.seed,
+                            **engine_plugins(loaded, o))
             self.loops[key] = EngineLoop(engine, self.config.admission)
         return self.loops[key]
 
@@ -247,9 +244,8 @@ def read_form(hub: Hub, task, model, response_format, granularities, stream, **f
         o = TranscribeOptions.from_mapping({**given, "task": task})
         if o.language is not None and not loaded.tokenizer.multilingual and o.language != "en":
             raise OptionsError(f"language {o.language!r}: model {name} is English-only")
-        if isinstance(o.kv_policy, str) and o.kv_policy.strip() not in ("", "none"):
-            from murmur.engine.kv.policies import parse_kv_policy
-            parse_kv_policy(o.kv_policy, o.kv_opts, loaded)
+        from murmur.transcribe import engine_plugins
+        engine_plugins(loaded, o)  # a bad policy is the request's 400, not the engine's error
     except MurmurError as e:
         msg = str(e)
         param = next((f for f in FIELDS if f in msg or f.replace("_", " ") in msg), None)
