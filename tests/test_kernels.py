@@ -80,6 +80,37 @@ def test_default_tokens_identical_at_batch_1_and_16(family, data_dir, forced):
     assert [(s.start, s.end, s.text) for s in one.segments] == [(s.start, s.end, s.text) for s in many.segments]
 
 
+_BUCKETS = """
+import torch
+from murmur.engine.kv.cache import SELF_BUCKET
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16):
+    for n in (1, 17, 63, 64, 65, 200, 383, 447):  # keys a row has written
+        q = torch.randn(4, 6, 1, 64, generator=g).to(dtype)
+        k, v = (torch.randn(4, 6, 448, 64, generator=g).to(dtype) for _ in range(2))
+        outs = []
+        for length in range(-(-n // SELF_BUCKET) * SELF_BUCKET, 449, SELF_BUCKET):
+            mask = torch.zeros(4, 1, 1, length, dtype=torch.bool)
+            mask[..., :n] = True
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                q, k[:, :, :length], v[:, :, :length], attn_mask=mask))
+        assert all(torch.equal(o, outs[0]) for o in outs), (dtype, n)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("capability", [None, "avx2"])
+def test_self_attention_bits_do_not_depend_on_the_bucket(capability):
+    """A step attends over the longest row's keys rounded up to SELF_BUCKET: a row's output must be
+    the same bits for every such length, or its tokens would depend on its neighbours."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, **({"ATEN_CPU_CAPABILITY": capability} if capability else {}))
+    out = subprocess.run([sys.executable, "-c", _BUCKETS], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matmul_attention_paths_match_sdpa(dtype):
     from murmur.models.whisper import blocked_attention, matmul_attention

@@ -193,7 +193,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, per_query: boo
     if not per_query or q.shape[2] == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     t, n = q.shape[2], k.shape[2]
-    if mask is not None and mask.shape[2] == t and per_query == "whole":  # keys span the whole context
+    if mask is not None and mask.shape[2] == t and per_query == "whole":  # any bucketed length: one query reads them all
         return torch.cat([F.scaled_dot_product_attention(q[:, :, j:j + 1], k, v, attn_mask=mask[:, :, j:j + 1])
                           for j in range(t)], dim=2)
     if mask is not None and mask.shape[2] == t:  # self-attention: query j reads the keys a one-token step would

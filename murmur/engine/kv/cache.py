@@ -18,6 +18,8 @@ from torch import Tensor
 
 from murmur.memory import POOL
 
+SELF_BUCKET = 64  # self-attention key lengths are multiples of this (see KVCache._bucket)
+
 
 @dataclass
 class Step:
@@ -37,7 +39,7 @@ class Step:
     self_masks: list[Tensor] | None = None
     cross_masks: list[Tensor] | None = None
     cross_biases: list[Tensor] | None = None
-    per_query: bool | str = False  # attention one query at a time (speculative verification); 'whole': keys span n_ctx
+    per_query: bool | str = False  # one query at a time (verification); 'whole': each reads all the step's keys
 
 
 class KVCache:
@@ -123,6 +125,15 @@ class KVCache:
             self.policy.gather(self, dst, src)
 
     # --- one forward call --------------------------------------------------------------------
+    def _bucket(self, length: int) -> int:
+        """Keys a step attends over: the longest row's, rounded up to a multiple of SELF_BUCKET.
+        A one-query step's SDPA then gives the same bits for any such length (masked keys add exact
+        zeros to lanes that end on a block), so a row's tokens never depend on the rows beside it;
+        the whole context (448) took a fifth of the decode. Contexts off the grid attend over all."""
+        if self.n_ctx % SELF_BUCKET:
+            return self.n_ctx
+        return min(-(-length // SELF_BUCKET) * SELF_BUCKET, self.n_ctx)
+
     def prepare(self, start: int, stop: int, n_tokens: int, active: np.ndarray | None = None) -> Step:
         """Plan a forward over rows [start, stop); inactive rows (free slots) compute but keep nothing."""
         fill, pos = self.fill[start:stop].copy(), self.pos[start:stop].copy()
@@ -135,10 +146,9 @@ class KVCache:
         dev = self.device
         slots = torch.from_numpy(slots_np).to(dev)
         positions = torch.from_numpy(pos[:, None] + ar).to(dev)
-        # attend over the whole context, not the longest row's: the softmax and the sum over keys
-        # then reduce in the same order whatever the neighbours' lengths, so a row's tokens never
-        # depend on the rows beside it (the server mixes requests; the masked keys cost little)
-        length = self.n_ctx if self.policy is None else int(slots_np.max()) + 1
+        length = int(slots_np.max()) + 1
+        if self.policy is None:
+            length = self._bucket(length)
         self.self_keep[torch.arange(start, stop, device=dev)[:, None], slots] = True
         keep = self.self_keep[start:stop, :length]
         # a query sees kept slots up to its own (causal within a prefill)
@@ -155,7 +165,7 @@ class KVCache:
             cross_bias = torch.zeros(cross_mask.shape, dtype=self.k.dtype, device=dev)
             cross_bias.masked_fill_(~cross_mask, float("-inf"))
         step = Step(start, stop, n_tokens, positions, slots, length, self_mask, fr, cross_mask, cross_bias, active,
-                    per_query=self.hold and ("whole" if length == self.n_ctx and self.policy is None else True))
+                    per_query=self.hold and ("whole" if self.policy is None else True))
         if self.policy is not None and getattr(self.policy, "per_head", False):
             self._per_head(step)
         return step
