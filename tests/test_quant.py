@@ -49,3 +49,20 @@ def test_quantize_linears_swaps_nested_layers():
         quantize_linears(m, layer=layer)
         assert isinstance(m[0], layer) and isinstance(m[2][0], layer) and m[2][0].bias is None
         assert m(torch.randn(2, 8)).shape == (2, 8)
+
+
+@pytest.mark.parametrize("kernel", sorted(INT8_LAYERS))
+def test_fused_qkv_keeps_the_bits_of_three_projections(kernel):
+    from murmur.models.whisper import MultiHeadAttention
+    g = torch.Generator().manual_seed(0)
+    a = MultiHeadAttention(384, 6)
+    for lin in (a.query, a.key, a.value):
+        torch.nn.init.normal_(lin.weight, std=0.05, generator=g)
+    a.fuse_qkv()
+    quantize_linears(a, layer=INT8_LAYERS[kernel])
+    h = torch.randn(3, 5, 384, generator=g)
+    with torch.inference_mode():
+        fused = a.project(h)
+        a.qkv = None
+        apart = a.project(h)
+    assert all(torch.equal(x, y) for x, y in zip(fused, apart))

@@ -34,6 +34,8 @@ def quantize_int8(model: Whisper, bf16_encoder: bool = False, kernel: str = "one
     from murmur.models.quant import INT8_LAYERS, quantize_linears
     layer = INT8_LAYERS[kernel]
     once_per_window = [m for b in model.decoder.blocks for m in (b.cross_attn.key, b.cross_attn.value)]
+    for b in model.decoder.blocks if bf16_encoder else [*model.encoder.blocks, *model.decoder.blocks]:
+        b.attn.fuse_qkv()  # before quantising: the fused rows get the same per-channel scales
     if bf16_encoder:
         model.encoder.to(torch.bfloat16)
         for m in once_per_window:

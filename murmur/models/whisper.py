@@ -42,6 +42,24 @@ class MultiHeadAttention(nn.Module):
         self.key = nn.Linear(n_state, n_state, bias=False)  # Whisper's key projections have no bias
         self.value = nn.Linear(n_state, n_state)
         self.out = nn.Linear(n_state, n_state)
+        self.qkv: nn.Module | None = None  # one [C, 3C] projection; the int8 loader sets it
+
+    def fuse_qkv(self) -> None:
+        """Join the three projections of the same input into one: int8 rows are quantised once and
+        the integer sums are exact, so q, k and v keep their bits (a decode step ran 33 GEMMs)."""
+        w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+        b = torch.cat([self.query.bias, torch.zeros_like(self.query.bias), self.value.bias])
+        self.qkv = nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            self.qkv.weight.copy_(w)
+            self.qkv.bias.copy_(b)
+
+    def project(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of `h` [B, T, C], each [B, H, T, D]."""
+        if self.qkv is None:
+            return self.heads(self.query(h)), self.heads(self.key(h)), self.heads(self.value(h))
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        return self.heads(q), self.heads(k), self.heads(v)
 
     def heads(self, x: Tensor) -> Tensor:  # [B, T, C] -> [B, H, T, D]
         b, t, c = x.shape
@@ -67,7 +85,7 @@ class ResidualAttentionBlock(nn.Module):
         """Encoder block; optionally also returns the head-averaged attention each frame receives."""
         a = self.attn
         h = self.attn_ln(x)
-        q, k, v = a.heads(a.query(h)), a.heads(a.key(h)), a.heads(a.value(h))
+        q, k, v = a.project(h)
         received = None
         if need_weights:
             w = torch.softmax((q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5), dim=-1)
@@ -157,7 +175,7 @@ class TextDecoder(nn.Module):
         for i, block in enumerate(self.blocks):
             a = block.attn
             h = block.attn_ln(x)
-            q, k, v = a.heads(a.query(h)), a.heads(a.key(h)), a.heads(a.value(h))
+            q, k, v = a.project(h)
             k_all, v_all = cache.write_self(i, step, k, v)
             x = x + a.out(a.merge(_attend(q, k_all, v_all, step.self_mask, step.per_query)))
 
