@@ -231,3 +231,23 @@ def test_parse_chunk_size():
     for bad in (0, -1, float("nan"), float("inf")):
         with pytest.raises(ValueError):
             make_chunks([(0, 1)], bad)
+
+
+def test_long_audio_vad_runs_in_blocks_that_do_not_depend_on_threads(ami_stitched):
+    import torch
+
+    from murmur.threads import torch_threads
+    audio = ami_stitched[0]
+    assert audio.size > vad.BLOCK_FRAMES * vad.FRAME_SAMPLES  # ~6.9 min: two blocks
+    with torch_threads(1):
+        one = speech_probs(audio)
+    with torch_threads(2):
+        two = speech_probs(audio)
+    assert torch.get_num_threads() >= 1 and np.array_equal(one, two)
+    assert len(one) == math.ceil(audio.size / vad.FRAME_SAMPLES)
+    # against one pass over the whole: only frames just after the block start move
+    whole = vad._vad().probs(audio)
+    assert float(np.mean(np.abs(whole - one) > 0.05)) < 0.01
+    a, b = (regions_from_probs(p, audio.size) for p in (whole, one))
+    speech = lambda rs: sum(e - s for s, e in rs)  # noqa: E731
+    assert abs(speech(a) - speech(b)) < 0.01 * speech(a)
