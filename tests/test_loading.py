@@ -327,3 +327,32 @@ def test_truncated_ct2_folder(tmp_path):
         (tmp_path / n).write_bytes((src / n).read_bytes())
     with pytest.raises(ModelError, match="truncated"):
         murmur.load_model(tmp_path)
+
+
+def test_built_tokenizer_is_cached_by_content_and_a_damaged_cache_is_rebuilt(monkeypatch, tmp_path):
+    from murmur.models import tokenizer as T
+    from murmur.models.ctranslate2 import _bundled_tiny_dir
+    monkeypatch.setenv("MURMUR_CACHE", str(tmp_path))
+    vocab = str(_bundled_tiny_dir() / "vocabulary.txt")
+    text = " Hello world, it's 1961! Printing, in the only sense"
+    T._build.cache_clear()
+    fresh, n = T._build(vocab)
+    (cached,) = tmp_path.glob("bpe_*.json")
+    T._build.cache_clear()
+    again, n2 = T._build(vocab)  # from the file this time
+    assert n2 == n and again.encode(text).ids == fresh.encode(text).ids
+    cached.write_text("{ not json")
+    T._build.cache_clear()
+    rebuilt, _ = T._build(vocab)
+    assert rebuilt.encode(text).ids == fresh.encode(text).ids
+    T._build.cache_clear()
+
+
+def test_a_model_built_for_a_checkpoint_leaves_torch_layers_initialising():
+    from murmur.models.common import new_whisper
+    m = new_whisper(SMALL)
+    assert isinstance(m, Whisper) and m.dims == SMALL
+    lin = torch.nn.Linear(8, 8)  # layers built afterwards get their usual random init
+    conv = torch.nn.Conv1d(2, 2, 3)
+    assert lin.weight.abs().sum() > 0 and conv.weight.abs().sum() > 0
+    assert torch.nn.LayerNorm(4).weight.eq(1).all()

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from murmur.errors import ModelError
+from murmur.paths import cache_dir
 
 DATA = Path(__file__).resolve().parents[1] / "data"  # murmur/data, package data
 
@@ -32,8 +33,7 @@ def _key(model_name: str) -> str:
 
 
 def user_map_path(model_name: str) -> Path:
-    base = Path(os.environ.get("MURMUR_CACHE", Path.home() / ".cache" / "murmur"))
-    return base / f"duo_{_key(model_name)}.json"
+    return cache_dir() / f"duo_{_key(model_name)}.json"
 
 
 def shipped_map_path(model_name: str) -> Path:

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from murmur.errors import ModelError
-from murmur.models.common import LoadedModel, _load_state
+from murmur.models.common import LoadedModel, _load_state, new_whisper
 from murmur.models.tokenizer import Tokenizer
-from murmur.models.whisper import ModelDims, Whisper
+from murmur.models.whisper import ModelDims
 
 # CTranslate2 dtype ids -> numpy dtypes (bf16 is read as uint16 and widened by hand)
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: np.uint16}
@@ -153,7 +153,7 @@ def load_ct2_folder(folder: Path, name: str | None = None) -> LoadedModel:
         )
     except KeyError as e:
         raise ModelError(f"{bin_path} lacks {e.args[0]}; not a Whisper model") from None
-    model = Whisper(dims)
+    model = new_whisper(dims)
     _load_state(model, _ct2_to_state(v, dims.n_audio_layer, dims.n_text_layer), bin_path)
     config = {}
     if (folder / "config.json").is_file():

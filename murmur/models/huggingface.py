@@ -16,10 +16,10 @@ import torch
 
 from murmur.errors import ModelError
 from murmur.models.common import (LoadedModel, _default_heads, _fill_encoder_positions, _heads_from_mask,
-                                  _load_state, _to_fp32)
+                                  _load_state, _to_fp32, new_whisper)
 from murmur.models.ctranslate2 import _tokenizer_for
 from murmur.models.tokenizer import Tokenizer
-from murmur.models.whisper import ModelDims, Whisper
+from murmur.models.whisper import ModelDims
 
 
 _HF_TOP = {
@@ -187,7 +187,7 @@ def load_hf_folder(path: str | os.PathLike) -> LoadedModel:
     dims = _hf_dims(config, folder / "config.json")
     tensors = _read_safetensors(_safetensor_files(folder))
 
-    model = Whisper(dims)
+    model = new_whisper(dims)
     sd, missing = {}, []
     for ours in model.state_dict():
         theirs = hf_name(ours)

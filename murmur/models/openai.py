@@ -11,9 +11,9 @@ from pathlib import Path
 
 from murmur.errors import ModelError
 from murmur.models.common import (LoadedModel, _default_heads, _fill_encoder_positions, _heads_from_mask,
-                                  _load_state, _to_fp32, read_checkpoint)
+                                  _load_state, _to_fp32, new_whisper, read_checkpoint)
 from murmur.models.ctranslate2 import _tokenizer_for
-from murmur.models.whisper import ModelDims, Whisper
+from murmur.models.whisper import ModelDims
 
 
 _DIM_FIELDS = [f.name for f in fields(ModelDims)]
@@ -42,7 +42,7 @@ def load_openai_checkpoint(path: str | os.PathLike) -> LoadedModel:
     heads = ckpt.get("alignment_heads", sd.pop("alignment_heads", None))
     sd = _to_fp32(sd, path)
     _fill_encoder_positions(sd, dims)
-    model = Whisper(dims)
+    model = new_whisper(dims)
     _load_state(model, sd, path)
     model.alignment_heads = _heads_from_mask(heads, dims, path) if heads is not None else _default_heads(dims)
     tok = _tokenizer_for(path.parent, dims)
