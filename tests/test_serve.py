@@ -243,3 +243,59 @@ def test_schema_fuzz(strict):
     assert len(seen) >= 20 and time.monotonic() - t0 < 120
     assert any(p == "/v1/audio/transcriptions" and c == 400 for p, c in seen)
     assert httpx.get(strict.url + "/health").status_code == 200
+
+
+class _FakeSched:
+    """A request's windows as plain tokens: what ServerScheduler asks of a StreamScheduler."""
+
+    def __init__(self, windows: int):
+        self.left, self.out = windows, 0
+
+    def pop_ready(self, n):
+        k = min(n, self.left)
+        self.left -= k
+        self.out += k
+        return [object() for _ in range(k)]
+
+    def finished(self):
+        return self.left == 0 and self.out == 0
+
+    def complete(self, req):
+        self.out -= 1
+
+
+class _FakeJob:
+    def __init__(self, seconds):
+        self.seconds, self.streams = seconds, []
+
+    def remaining_seconds(self):
+        return self.seconds
+
+    def take_finished_segments(self):
+        return []
+
+
+def test_admission_spreads_encodes_keeps_a_row_free_and_lets_short_requests_through():
+    from murmur.serve import hub
+    s = hub.ServerScheduler(max_open=32, max_windows=15)
+    entries = {}
+    for name, seconds, windows in (("long", 900.0, 40), ("short", 11.0, 1)):
+        e = hub.Entry(job=_FakeJob(seconds), loop=None, done=None)
+        e.sched = _FakeSched(windows)
+        entries[name] = e
+    s._entries.append(entries["long"])
+    got = []
+    while len(got) < 40:
+        step = s.pop_ready(16)
+        if not step:
+            break
+        assert len(step) <= hub.ADMIT_PER_STEP  # encoder passes spread between steps
+        got += step
+    assert len(got) == 15 and entries["long"].in_flight == 15  # one row stays free
+    s._entries.append(entries["short"])
+    assert len(s.pop_ready(1)) == 1 and entries["short"].in_flight == 1  # the newcomer starts at once
+    entries["long"].in_flight -= 1  # a long window finished: its row is free again...
+    entries["long"].sched.out -= 1
+    assert s.pop_ready(2) == []  # ...but stays so while the short request decodes
+    entries["short"].in_flight = 0
+    assert len(s.pop_ready(2)) == 1

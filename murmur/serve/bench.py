@@ -175,7 +175,8 @@ async def latency_probe(url: str, probe: Item, long: Item, n: int, model: str) -
         await long_task
     return {"idle_p50_s": _pct(idle, 50), "idle_p95_s": _pct(idle, 95), "busy_p50_s": _pct(busy, 50),
             "busy_p95_s": _pct(busy, 95), "busy_samples": len(busy),
-            "p95_ratio": round(_pct(busy, 95) / _pct(idle, 95), 2) if busy and idle else None}
+            "p95_ratio": round(_pct(busy, 95) / _pct(idle, 95), 2) if busy and idle else None,
+            "idle_s": [round(x, 3) for x in idle], "busy_s": [round(x, 3) for x in busy]}
 
 
 def _table(title: str, s: dict) -> str:

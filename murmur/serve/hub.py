@@ -20,6 +20,8 @@ from murmur.engine.scheduler import StreamScheduler
 log = logging.getLogger("murmur.serve")
 
 POLICIES = ("round-robin", "shortest-first")
+ADMIT_PER_STEP = 2  # new windows between two engine steps (see ServerScheduler)
+SHORT_S = 30.0  # audio left that makes a request short: its windows go first (see ServerScheduler)
 
 
 @dataclass(eq=False)
@@ -31,6 +33,7 @@ class Entry:
     on_segments: Callable[[list], None] | None = None  # called on the event loop, in order
     submitted: float = field(default_factory=time.monotonic)
     sched: StreamScheduler | None = None
+    in_flight: int = 0  # its windows the engine holds
 
     def _call(self, fn, *args) -> None:
         try:
@@ -53,12 +56,17 @@ class ServerScheduler:
     - round-robin: each free row goes to the next request in turn, so a request that arrives while
       a long one decodes takes the next free rows whatever that one has left;
     - shortest-first: free rows go to the request with the least audio left.
+
+    No request holds more than `max_windows` windows at once (the engine's rows less one): a row is
+    always free for the next request to start at once, not when a long one's window ends. And at
+    most ADMIT_PER_STEP windows start between two steps: each costs every running row an encoder
+    pass (~0.1 s), and a long request's first 15 windows held them all 1.5 s.
     """
 
-    def __init__(self, max_open: int, policy: str = "round-robin"):
+    def __init__(self, max_open: int, policy: str = "round-robin", max_windows: int | None = None):
         if policy not in POLICIES:
             raise ValueError(f"unknown admission policy {policy!r}: choose from {', '.join(POLICIES)}")
-        self.max_open, self.policy = max_open, policy
+        self.max_open, self.policy, self.max_windows = max_open, policy, max_windows
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._entries: list[Entry] = []
@@ -109,10 +117,12 @@ class ServerScheduler:
         self._wake.clear()
 
     def pop_ready(self, n: int) -> list[Request]:
+        n = min(n, ADMIT_PER_STEP)
         out: list[Request] = []
         with self._lock:
+            entries = self._admissible()
             if self.policy == "shortest-first":
-                for e in sorted(self._entries, key=lambda e: e.job.remaining_seconds()):
+                for e in sorted(entries, key=lambda e: e.job.remaining_seconds()):
                     out += self._pop(e, n - len(out))
                     if len(out) >= n:
                         break
@@ -120,7 +130,7 @@ class ServerScheduler:
             progress = True
             while len(out) < n and progress:
                 progress = False
-                order = list(self._entries)
+                order = entries
                 k = self._turn % len(order) if order else 0
                 self._turn += 1  # a different request goes first each pass
                 for e in order[k:] + order[:k]:
@@ -131,13 +141,26 @@ class ServerScheduler:
                     progress = progress or bool(got)
         return out
 
+    def _admissible(self) -> list[Entry]:
+        """While a short request (one window of audio at most) decodes, longer ones start no new
+        windows: each would stall its steps for an encoder pass, and their rows drain meanwhile."""
+        short = [e for e in self._entries if e.job.remaining_seconds() <= SHORT_S]
+        if any(e.in_flight for e in short):
+            return short
+        return list(self._entries)
+
     def _pop(self, e: Entry, n: int) -> list[Request]:
+        if self.max_windows is not None:
+            n = min(n, self.max_windows - e.in_flight)
+            if n <= 0:
+                return []
         try:
             got = e.sched.pop_ready(n)
         except Exception as ex:  # one request's failure must not stop the others
             log.exception("request failed while planning a window")
             self._retire(e, ex)
             return []
+        e.in_flight += len(got)
         if e.sched.finished():  # its last windows were silent
             self._retire(e)
         return got
@@ -147,6 +170,7 @@ class ServerScheduler:
             e = self._owner.get(id(req.owner))
             if e is None or e not in self._entries:
                 return  # cancelled while its window decoded
+            e.in_flight -= 1
             try:
                 e.sched.complete(req)
                 segs = e.job.take_finished_segments()
@@ -187,7 +211,8 @@ class EngineLoop:
 
     def __init__(self, engine: Engine, policy: str = "round-robin", max_open: int | None = None):
         self.engine = engine
-        self.scheduler = ServerScheduler(max_open or 2 * engine.batch_size, policy)
+        self.scheduler = ServerScheduler(max_open or 2 * engine.batch_size, policy,
+                                         max_windows=max(1, engine.batch_size - 1))
         self.thread = threading.Thread(target=self._run, name="murmur-engine", daemon=True)
         self.thread.start()
 
