@@ -297,5 +297,5 @@ def test_admission_spreads_encodes_keeps_a_row_free_and_lets_short_requests_thro
     entries["long"].in_flight -= 1  # a long window finished: its row is free again...
     entries["long"].sched.out -= 1
     assert s.pop_ready(2) == []  # ...but stays so while the short request decodes
-    entries["short"].in_flight = 0
+    entries["short"].in_flight = 8  # short ones holding half the rows: the long one gets rows again
     assert len(s.pop_ready(2)) == 1

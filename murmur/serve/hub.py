@@ -143,9 +143,11 @@ class ServerScheduler:
 
     def _admissible(self) -> list[Entry]:
         """While a short request (one window of audio at most) decodes, longer ones start no new
-        windows: each would stall its steps for an encoder pass, and their rows drain meanwhile."""
+        windows: each would stall its steps for an encoder pass, and their rows drain meanwhile.
+        Only while short ones hold under half the rows, so a flood of them never starves the rest."""
         short = [e for e in self._entries if e.job.remaining_seconds() <= SHORT_S]
-        if any(e.in_flight for e in short):
+        held = sum(e.in_flight for e in short)
+        if held and (self.max_windows is None or 2 * held < self.max_windows):
             return short
         return list(self._entries)
 
