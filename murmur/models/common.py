@@ -36,8 +36,8 @@ def new_whisper(dims: ModelDims) -> Whisper:
     skipped (a third of the bundled model's load time). Not a `torch.device("meta")` build: that
     mode imports torch's compiler stack, which costs more than it saves."""
     layers = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.Embedding, torch.nn.LayerNorm)
-    saved = [c.__dict__["reset_parameters"] for c in layers]
     with _NO_INIT:
+        saved = [c.__dict__["reset_parameters"] for c in layers]  # under the lock: never another's _skip
         try:
             for c in layers:
                 c.reset_parameters = _skip
