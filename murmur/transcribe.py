@@ -232,8 +232,17 @@ def engine_plugins(loaded: LoadedModel, o) -> dict:
 
 def plugins_key(o) -> tuple:
     """What identifies the plug-ins of `o`: engines whose options give the same key can share rows."""
-    return (repr(o.kv_policy), repr(o.kv_opts), o.encoder_sparsity, o.encoder_hooks, repr(o.speculative),
-            repr(o.spec_opts))
+    def spec(x):  # 'none', '' and None are the same plug-in: none; so are padded spellings
+        if isinstance(x, str):
+            x = x.strip()
+            return None if x.lower() in ("", "none", "off") else x
+        return x
+
+    def opts(d):
+        return tuple(sorted((d or {}).items()))
+
+    return (repr(spec(o.kv_policy)), opts(o.kv_opts), spec(o.encoder_sparsity), o.encoder_hooks,
+            repr(spec(o.speculative)), opts(o.spec_opts))
 
 
 def transcribe(

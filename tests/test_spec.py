@@ -146,3 +146,5 @@ def test_every_engine_gets_the_speculator_the_options_ask_for(tiny):
     assert sp is not None and type(sp) is type(parse_speculative("recycle", None, tiny))
     assert Engine(tiny, DecodingOptions(), **engine_plugins(tiny, spec)).spec is not None
     assert plugins_key(plain) != plugins_key(spec)  # so they never share an engine
+    # spellings of "no plug-in" share one (the server keeps one engine for them)
+    assert plugins_key(plain) == plugins_key(TranscribeOptions(kv_policy="none", speculative=" none "))
