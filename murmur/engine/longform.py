@@ -148,21 +148,24 @@ class ChunkStream:
         """Where the window starts in the recording, in centiseconds: what it is, whatever the batch."""
         return int(round(self.time_map(self.seek * HOP_LENGTH / SAMPLE_RATE) * 100))
 
-    def _ratio(self, tokens: list[int]) -> float:
-        """Compression ratio of the text of `tokens` (timestamps and eot left out)."""
+    def _text(self, tokens: list[int]) -> str:
+        """The text of `tokens`, timestamps, specials and eot left out."""
         eot = self.tokenizer.eot
-        return compression_ratio(self.tokenizer.decode([t for t in tokens if t < eot]))
+        return self.tokenizer.decode([t for t in tokens if t < eot])
+
+    def _ratio(self, tokens: list[int]) -> float:
+        return compression_ratio(self._text(tokens))
 
     def _over_compression(self, tokens: list[int]) -> bool:
         return self._ratio(tokens) > self.options.compression_ratio_threshold
 
-    def _echoes_prompt(self, req: Request) -> bool:
-        """True when most of the window's word trigrams (at least ECHO_MIN_WORDS words) are in its prompt."""
-        tok, eot = self.tokenizer, self.tokenizer.eot
-        words = _words(tok.decode([t for t in req.tokens if t < eot]))
+    def _echoes_prompt(self, req: Request, text: str) -> bool:
+        """True when most of the window's word trigrams (at least ECHO_MIN_WORDS words of `text`, its
+        decoded tokens) are in its prompt."""
+        words = _words(text)
         if len(words) < ECHO_MIN_WORDS:
             return False
-        context = _words(tok.decode([t for t in req.prompt if t < eot]))
+        context = _words(self._text(req.prompt))
         seen = set(zip(context, context[1:], context[2:]))
         grams = list(zip(words, words[1:], words[2:]))
         return sum(g in seen for g in grams) >= ECHO_SHARE * len(grams)
@@ -170,7 +173,8 @@ class ChunkStream:
     def on_result(self, req: Request) -> Request | None:
         """Apply the fallback and seek rules; returns a retry request when the window must be redone."""
         o = self.options
-        ratio = self._ratio(req.tokens)
+        text = self._text(req.tokens)
+        ratio = compression_ratio(text)
         too_repetitive = req.stopped or (o.compression_ratio_threshold is not None
                                          and ratio > o.compression_ratio_threshold)
         too_unsure = o.logprob_threshold is not None and req.avg_logprob < o.logprob_threshold
@@ -178,7 +182,7 @@ class ChunkStream:
         needs_fallback = (too_repetitive or too_unsure) and not (silent and too_unsure)
         t_index = req.tag["t_index"]
         prompted = req.tag["prompted"]
-        if prompted and not needs_fallback and self._echoes_prompt(req):
+        if prompted and not needs_fallback and self._echoes_prompt(req, text):
             # the window copied its prompt (a loop carried across windows): decode it afresh
             self.echo_retries += 1
             return self._request(req.mel, o.temperature[t_index], req.tag["size"], req.features, prompted=False)
