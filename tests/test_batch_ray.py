@@ -122,6 +122,21 @@ def test_long_recording_fans_out_over_both_nodes(cluster, clips, tiny, tmp_path)
     assert len(nodes) == 2  # its chunks ran on both nodes
 
 
+def test_diarization_runs_once_per_recording_on_a_planner(cluster, data_dir, tiny, tmp_path):
+    """Speakers come from one diarization over the whole recording, on a node's planner, as locally."""
+    from murmur.options import TranscribeOptions
+    from murmur.distributed.ray_job import run_ray
+    clip = data_dir / "ami" / "dev00.flac"
+    counts = run_ray(expand([str(clip)]), OutputDir(tmp_path / "out", ["rttm", "seglst"]), "tiny.en",
+                     TranscribeOptions(diarize=True), progress=False)
+    assert counts == {"ok": 1, "error": 0, "skipped": 0}
+    here = transcribe(clip, model=tiny, diarize=True)
+    assert (tmp_path / "out" / "dev00.rttm").read_text() == writers.render(here, "rttm")
+    got = json.loads((tmp_path / "out" / "dev00.seglst").read_text())
+    assert [(x["speaker"], x["words"]) for x in got] == [
+        (x["speaker"], x["words"]) for x in json.loads(writers.render(here, "seglst"))]
+
+
 def test_worker_node_dies_mid_run_nothing_lost_nothing_twice(cluster, clips, local, tmp_path):
     c, worker = cluster
     worker_node = worker.node_id

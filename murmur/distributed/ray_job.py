@@ -1,4 +1,4 @@
-"""`murmur batch --ray`: the job on a Ray cluster, with Ray Core tasks and an actor pool.
+"""`murmur batch --ray`: the job on a Ray cluster, with Ray Core actors: planners and transcribers.
 
 Why Ray Core and not Ray Data: a recording fans out into chunks that must come back together, in
 order, for one stitch and one diarization over the whole recording, and each output is written
@@ -7,19 +7,23 @@ once per recording as soon as its last chunk is done. Ray Data streams rows thro
 engine also wants chunks to join its rows the moment rows free up (continuous batching), not in
 batches the data layer cuts. With Core, the driver is a small loop over object refs:
 
-- plan (`_plan`, a CPU task near the data): decode, VAD, chunk; returns a small meta object (the
-  driver reads it), the chunk groups (never fetched by the driver) and the speech regions;
+- plan (`Planner.plan`, CPU work on every node): decode, VAD, chunk; returns a small meta object
+  (the driver reads it), the chunk groups (never fetched by the driver) and the speech regions. The
+  planners are actors, one per node with no CPU reserved, not tasks: Ray kills a task's worker after
+  a second idle, and each new worker paid 2.4 s of CPU importing torch and the VAD again, beside a
+  transcription actor (4 times in a 32-clip job on one node: 21.3 s, then 16.6 s as actors);
 - transcribe (`Transcriber`, one per `actor_cpus` CPUs): loads the model once, takes chunk groups
   of any recording into one continuously batched engine (murmur.distributed.feed), and returns each
   chunk's segments; the groups of a long recording go to whichever actors have room;
-- finish: stitch (and diarize once, over the whole recording, in a task when asked), then the driver
+- finish: stitch (and diarize once, over the whole recording, on a planner when asked), then the driver
   writes DIR/<id>.<ext> atomically and appends the summary line.
 
 Backpressure: at most `max_recordings` recordings are planned or in flight, and each actor holds at
 most enough groups to fill its rows twice over, so audio is decoded only as fast as actors consume it.
 
-Retries, set deliberately: plan and diarize tasks are retried by Ray on a lost worker or node
-(PLAN_RETRIES; their lost outputs are rebuilt from lineage); an actor process that dies is restarted
+Retries, set deliberately: a planner that dies is restarted by Ray, on another node when its own is
+gone (soft node affinity), and its plan and diarize calls are retried there (PLAN_RETRIES; their lost
+outputs are rebuilt from lineage); a transcription actor process that dies is restarted
 by Ray (ACTOR_RESTARTS), but its calls are not retried by Ray (max_task_retries=0): the driver puts
 their groups back in the queue for any live actor, since an actor on a dead node cannot restart until
 a node has room and Ray's retry would wait on it. A group is tried GROUP_ATTEMPTS times.
@@ -51,32 +55,37 @@ def _one_thread() -> None:
     os.environ["MURMUR_THREADS"] = "1"
 
 
-@ray.remote(num_returns=3, num_cpus=0, max_retries=PLAN_RETRIES)
-def _plan(audio: str, o, chunks_per_task: int):
-    """Decode + VAD + chunk one recording. A bad file is a result (meta["error"]), not a retry."""
-    from murmur.audio.decode import N_SAMPLES, SAMPLE_RATE, load_audio
-    from murmur.transcribe import _speech_regions, plan_chunks
-    _one_thread()
-    try:
-        samples = load_audio(audio)
-        plans, vad_s = plan_chunks(samples, o.chunk_size, o.vad_options)
-    except MurmurError as e:
-        return {"error": str(e)}, None, None
-    groups = [plans[i:i + chunks_per_task] for i in range(0, len(plans), chunks_per_task)]
-    meta = {"duration": len(samples) / SAMPLE_RATE, "groups": len(groups), "chunks": len(plans),
-            "vad_s": round(vad_s, 3)}
-    regions = None if o.chunk_size is None else _speech_regions(plans)
-    return meta, {"head": samples[:N_SAMPLES].copy(), "groups": groups}, regions
+class Planner:
+    """CPU work near the data, one per node: plan a recording, and diarize one once its chunks are done."""
 
+    def __init__(self):
+        _one_thread()
 
-@ray.remote(num_cpus=0, max_retries=PLAN_RETRIES)
-def _finish_diarized(audio: str, per_chunk: list, regions, o):
-    """Stitch and diarize over the whole recording (speaker labels stay global), as locally."""
-    from murmur.audio.decode import load_audio
-    from murmur.transcribe import finish
-    _one_thread()
-    segments, turns, _, _ = finish(per_chunk, load_audio(audio), None, o, regions=regions)
-    return segments, turns
+    def ready(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    @ray.method(num_returns=3)
+    def plan(self, audio: str, o, chunks_per_task: int):
+        """Decode + VAD + chunk one recording. A bad file is a result (meta["error"]), not a retry."""
+        from murmur.audio.decode import N_SAMPLES, SAMPLE_RATE, load_audio
+        from murmur.transcribe import _speech_regions, plan_chunks
+        try:
+            samples = load_audio(audio)
+            plans, vad_s = plan_chunks(samples, o.chunk_size, o.vad_options)
+        except MurmurError as e:
+            return {"error": str(e)}, None, None
+        groups = [plans[i:i + chunks_per_task] for i in range(0, len(plans), chunks_per_task)]
+        meta = {"duration": len(samples) / SAMPLE_RATE, "groups": len(groups), "chunks": len(plans),
+                "vad_s": round(vad_s, 3)}
+        regions = None if o.chunk_size is None else _speech_regions(plans)
+        return meta, {"head": samples[:N_SAMPLES].copy(), "groups": groups}, regions
+
+    def diarize(self, audio: str, per_chunk: list, regions, o):
+        """Stitch and diarize over the whole recording (speaker labels stay global), as locally."""
+        from murmur.audio.decode import load_audio
+        from murmur.transcribe import finish
+        segments, turns, _, _ = finish(per_chunk, load_audio(audio), None, o, regions=regions)
+        return segments, turns
 
 
 class _Line:
@@ -137,14 +146,24 @@ class Transcriber:
         return [s.segments for s in streams], stats, self.loaded.name, lang
 
 
-_ACTOR = None
+_REMOTE: dict = {}
 
 
-def _actor_class():
-    global _ACTOR
-    if _ACTOR is None:
-        _ACTOR = ray.remote(Transcriber)
-    return _ACTOR
+def _remote(cls):
+    """The Ray actor class of `cls`, made once (ray.remote at import would need Ray up)."""
+    if cls not in _REMOTE:
+        _REMOTE[cls] = ray.remote(cls)
+    return _REMOTE[cls]
+
+
+def _planners() -> list:
+    """One planner per alive node, pinned softly: Ray restarts it elsewhere when its node dies."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")] or [None]
+    cls = _remote(Planner)
+    return [cls.options(num_cpus=0, max_restarts=ACTOR_RESTARTS, max_task_retries=PLAN_RETRIES,
+                        scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=True) if n else "DEFAULT").remote()
+            for n in nodes]
 
 
 class _Rec:
@@ -213,7 +232,7 @@ class _Driver:
         self.replacements = 0
 
     def _new_actor(self) -> _Actor:
-        cls = _actor_class().options(
+        cls = _remote(Transcriber).options(
             num_cpus=self.actor_cpus, max_restarts=ACTOR_RESTARTS, max_task_retries=0,
             max_concurrency=self.cap + 4)  # threads: one per group it holds, plus ready() probes
         a = _Actor(cls.remote(*self.model, self.threads))
@@ -235,6 +254,8 @@ class _Driver:
 
     def _loop(self, queue: deque, bar: Progress, counts: dict) -> None:
         pool = [self._new_actor() for _ in range(self.n_actors)]
+        planners = _planners()
+        turn = 0  # planners take recordings in turn
         plans: dict = {}  # meta ref -> rec
         calls: dict = {}  # call ref -> (rec, group index, actor, attempt)
         finishing: dict = {}  # diarize ref -> rec
@@ -287,12 +308,13 @@ class _Driver:
             write(rec, segments, turns)
 
         while queue or active:
-            # planning tasks reserve no CPU (the actors hold the CPUs), so their number is bounded
-            # here: each new one could start a worker process of its own
+            # planners reserve no CPU (the actors hold the CPUs), so the plans in flight are bounded here
             while queue and active < self.max_recordings and len(plans) < self.n_actors + 1:
                 it = queue.popleft()
                 rec = _Rec(it, item_options(self.options, it.options))
-                rec.meta, rec.data, rec.regions = _plan.remote(it.audio, rec.o, self.chunks_per_task)
+                turn += 1
+                rec.meta, rec.data, rec.regions = planners[turn % len(planners)].plan.remote(
+                    it.audio, rec.o, self.chunks_per_task)
                 plans[rec.meta] = rec
                 active += 1
             live = [a for a in pool if a.ready]
@@ -313,7 +335,9 @@ class _Driver:
                 a.inflight += 1
             while diarize_queue and len(finishing) < self.n_actors:
                 rec, per_chunk = diarize_queue.popleft()
-                finishing[_finish_diarized.remote(rec.item.audio, per_chunk, rec.regions, rec.o)] = rec
+                turn += 1
+                planner = planners[turn % len(planners)]
+                finishing[planner.diarize.remote(rec.item.audio, per_chunk, rec.regions, rec.o)] = rec
             probes = {a.probe: a for a in pool if a.probe is not None}
             waiting = [*plans, *calls, *finishing, *probes]
             if not waiting:
