@@ -130,6 +130,14 @@ def cmd_calibrate_duo(args) -> int:
     return 0
 
 
+def cmd_train_mtp(args) -> int:
+    from murmur.eval.mtp_training import train_mtp
+    res = train_mtp(args.model, args.audio or None, args.out, heldout_paths=args.heldout or None, k=args.heads,
+                    epochs=args.epochs, speeds=tuple(float(x) for x in args.speeds.split(",")))
+    print(json.dumps(res, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from murmur import __version__
     parser = argparse.ArgumentParser(prog="murmur", description="Long-form speech recognition, offline.")
@@ -162,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gates: train DuoAttention's gates (float32, ~1 min); mass: attention outside the budget")
     p.add_argument("--steps", type=int, default=200, help="gate training steps")
     p.set_defaults(func=cmd_calibrate_duo)
+
+    p = sub.add_parser("train-mtp", help="train multi-token-prediction heads (--speculative mtp) by self-distillation")
+    p.add_argument("audio", nargs="*", help="audio files (default: ../shared/data/librispeech_other_noref)")
+    p.add_argument("--model", default="tiny.en")
+    p.add_argument("--out", default=None, help="heads file (default: the user cache, used by --speculative mtp)")
+    p.add_argument("--heldout", nargs="*", default=None,
+                   help="files to measure the heads on, never trained on (default: a tenth of the audio)")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--speeds", default="1.0,0.9,1.1", help="the audio also played at these speeds")
+    p.set_defaults(func=cmd_train_mtp)
 
     from murmur.eval.bench.run import add_parser as add_bench
     from murmur.eval.cli import add_parser as add_eval

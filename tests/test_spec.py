@@ -148,3 +148,33 @@ def test_every_engine_gets_the_speculator_the_options_ask_for(tiny):
     assert plugins_key(plain) != plugins_key(spec)  # so they never share an engine
     # spellings of "no plug-in" share one (the server keeps one engine for them)
     assert plugins_key(plain) == plugins_key(TranscribeOptions(kv_policy="none", speculative=" none "))
+
+
+def test_mtp_heads_draft_and_keep_tokens_identical(tiny, data_dir):
+    """The shipped heads draft in full mode and chunk 30; verification keeps plain greedy's text."""
+    import murmur
+    from murmur.spec.mtp import MTP, load_heads
+    heads = load_heads(tiny)
+    assert heads.k >= 2 and heads.embed.shape == (len(heads.vocab), tiny.model.dims.n_text_state)
+    ted = data_dir / "ted" / "bill_gates-TED.mp3"
+    for chunk in (None, 30):
+        plain = murmur.transcribe(ted, tiny, chunk_size=chunk)
+        got = murmur.transcribe(ted, tiny, chunk_size=chunk, speculative="mtp")
+        assert got.text == plain.text
+        assert [s.tokens for s in got.segments] == [s.tokens for s in plain.segments]
+        st = got.stats
+        assert st["draft_tokens"] > 0 and st["accepted_tokens"] > 0
+        assert st["target_forwards"] < plain.stats["target_forwards"]
+    assert isinstance(parse_speculative("recycle+mtp", None, tiny).sources[1], MTP)
+
+
+def test_mtp_without_heads_is_a_clear_error(tiny, tmp_path):
+    from murmur.errors import ModelError, MurmurError
+    with pytest.raises(ModelError, match="train-mtp"):
+        parse_speculative("mtp", {"heads": str(tmp_path / "none.pt")}, tiny)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(ModelError, match="unreadable"):
+        parse_speculative("mtp", {"heads": str(bad)}, tiny)
+    with pytest.raises(MurmurError, match="needs the model"):
+        parse_speculative("mtp")
