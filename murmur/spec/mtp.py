@@ -5,8 +5,8 @@ and scores it with the model's own token embedding (the shared unembedding), so 
 i places after the pending one. To keep that read small on CPU the heads score a vocabulary subset:
 every token the training decodes produced, the first `TOP_IDS` ids of the BPE (merge order follows
 frequency), the timestamps and end-of-text. The engine verifies the guesses (murmur.spec.speculator),
-so the output is the model's own; `threshold` mode skips the check and takes a head's guess when its
-probability clears the threshold, which changes the output.
+so the output is the model's own. (The paper's threshold mode, which takes confident guesses
+unverified, is not built: the heads trained on the audio at hand are right too rarely, below.)
 
 Heads are trained by self-distillation on the model's greedy decodes (murmur.eval.mtp_training,
 `murmur train-mtp`) and ship in murmur/data/mtp_<model>.pt; a retrained file goes to
@@ -28,7 +28,6 @@ from murmur.spec.base import Draft, DraftSource
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TOP_IDS = 4096
-MTP_MIN_P = 0.5  # see docs/benchmarks.md: lower drafts more and verifies more in vain
 
 
 def _key(model_name: str) -> str:
@@ -126,11 +125,10 @@ class MTP(DraftSource):
     """Drafts from the heads: after each verify forward, each row's next k guesses."""
     name = "mtp"
 
-    def __init__(self, heads: MTPHeads, decoder, min_p: float = 0.0):
-        self.heads, self.min_p = heads, min_p
+    def __init__(self, heads: MTPHeads, decoder):
+        self.heads = heads
         self.hidden = _Hidden.of(decoder)
         self.drafts: dict[int, list[int]] = {}
-        self.per_head = [[0, 0] for _ in range(heads.k)]  # (offered, accepted) per head position
 
     def admit(self, engine, act) -> None:
         self.hidden.take()  # the prefill's states: no draft from them (its positions differ)
@@ -149,13 +147,9 @@ class MTP(DraftSource):
             return
         at = torch.as_tensor(index, dtype=torch.long, device=x.device)
         h = x[torch.arange(hi, device=x.device), at]
-        logits = self.heads(h)  # [hi, k, V']
-        best = logits.argmax(dim=-1)
+        best = self.heads(h).argmax(dim=-1)  # [hi, k]
         toks = self.heads.vocab[best].tolist()
-        if self.min_p > 0:  # draft only the guesses the heads are sure of: a rejected one costs a wider forward
-            sure = (torch.softmax(logits, dim=-1).amax(dim=-1) >= self.min_p).cumprod(dim=1).sum(dim=1).tolist()
-            toks = [t[:n] for t, n in zip(toks, sure)]
         self.drafts = {r: toks[r] for r in range(hi)}
 
     def describe(self) -> str:
-        return f"mtp(k={self.heads.k}, min_p={self.min_p:g})"
+        return f"mtp(k={self.heads.k})"

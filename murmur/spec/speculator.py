@@ -129,12 +129,11 @@ def _value(raw: str):
 def parse_speculative(spec: str | None, opts: dict[str, str] | None = None, model=None) -> Speculator | None:
     """'none' | 'recycle' | 'mtp' (sources combine with '+'); `opts` (from --spec-opt key=value): k,
     k_min, k_max (draft lengths: start, floor, ceiling), ngram (recycle's realignment n-gram), heads
-    (a file of MTP heads; default: the user's retrained heads, else the shipped ones), min_p (MTP
-    drafts only guesses at least this probable)."""
+    (a file of MTP heads; default: the user's retrained heads, else the shipped ones)."""
     if spec is None or spec == "none" or spec == "":
         return None
     opts = {k.replace("-", "_"): _value(v) if isinstance(v, str) else v for k, v in (opts or {}).items()}
-    known = {"k", "k_min", "k_max", "ngram", "heads", "min_p"}
+    known = {"k", "k_min", "k_max", "ngram", "heads"}
     bad = set(opts) - known
     if bad:
         raise MurmurError(f"unknown --spec-opt {', '.join(sorted(bad))}; known: {', '.join(sorted(known))}")
@@ -147,9 +146,8 @@ def parse_speculative(spec: str | None, opts: dict[str, str] | None = None, mode
         elif name == "mtp":
             if model is None:
                 raise MurmurError("speculative source 'mtp' needs the model its heads were trained for")
-            from murmur.spec.mtp import MTP, MTP_MIN_P, load_heads
-            sources.append(MTP(load_heads(model, opts.get("heads")), model.model.decoder,
-                               min_p=float(opts.get("min_p", MTP_MIN_P))))
+            from murmur.spec.mtp import MTP, load_heads
+            sources.append(MTP(load_heads(model, opts.get("heads")), model.model.decoder))
         elif name.startswith("draft:") and len(name) > 6:
             # planned (issue 15): a small-model drafter; not built yet
             raise MurmurError(f"speculative source {name!r} is not available yet; use 'recycle' or 'mtp'")
