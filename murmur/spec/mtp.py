@@ -98,14 +98,19 @@ def load_heads(loaded, path: str | os.PathLike | None = None) -> MTPHeads:
 
 class _Hidden:
     """The decoder's final hidden states of the last forward, per thread (engines of one model may
-    run on several threads): a forward hook on its final layer norm, installed once per model."""
+    run on several threads): a forward hook on its final layer norm, installed once per model, that
+    keeps them only on threads whose engine drafts with MTP (others see no change at all)."""
     _lock = threading.Lock()
 
     def __init__(self):
         self.local = threading.local()
 
     def __call__(self, module, args, out):
-        self.local.x = out
+        if getattr(self.local, "on", False):
+            self.local.x = out
+
+    def watch(self) -> None:
+        self.local.on = True
 
     def take(self):
         x, self.local.x = getattr(self.local, "x", None), None
@@ -131,6 +136,7 @@ class MTP(DraftSource):
         self.drafts: dict[int, list[int]] = {}
 
     def admit(self, engine, act) -> None:
+        self.hidden.watch()  # admit runs on the engine's thread, as its forwards do
         self.hidden.take()  # the prefill's states: no draft from them (its positions differ)
         for r in act.rows:
             self.drafts.pop(r, None)
