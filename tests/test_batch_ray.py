@@ -137,6 +137,25 @@ def test_diarization_runs_once_per_recording_on_a_planner(cluster, data_dir, tin
         (x["speaker"], x["words"]) for x in json.loads(writers.render(here, "seglst"))]
 
 
+def test_planners_gone_for_good_are_replaced(cluster, clips, local, tmp_path, monkeypatch):
+    """Planners killed with no restart left: their recordings are planned again by new ones."""
+    from murmur.distributed import ray_job
+    made = ray_job._planners
+
+    def dead_planners():
+        ps = made()
+        for p in ps:
+            ray.kill(p, no_restart=True)
+        return ps
+
+    monkeypatch.setattr(ray_job, "_planners", dead_planners)
+    out = tmp_path / "out"
+    items = expand([str(x) for x in clips[:3]])
+    assert _run(items, out, ["txt"]) == {"ok": 3, "error": 0, "skipped": 0}
+    for x in clips[:3]:
+        assert (out / f"{x.stem}.txt").read_text() == writers.render(local[x.stem], "txt")
+
+
 def test_worker_node_dies_mid_run_nothing_lost_nothing_twice(cluster, clips, local, tmp_path):
     c, worker = cluster
     worker_node = worker.node_id

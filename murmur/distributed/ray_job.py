@@ -61,9 +61,6 @@ class Planner:
     def __init__(self):
         _one_thread()
 
-    def ready(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
     @ray.method(num_returns=3)
     def plan(self, audio: str, o, chunks_per_task: int):
         """Decode + VAD + chunk one recording. A bad file is a result (meta["error"]), not a retry."""
@@ -156,19 +153,23 @@ def _remote(cls):
     return _REMOTE[cls]
 
 
-def _planners() -> list:
-    """One planner per alive node, pinned softly: Ray restarts it elsewhere when its node dies."""
+def _planner(node: str | None = None):
+    """A planner, pinned softly to `node`: Ray restarts it elsewhere when that node dies."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")] or [None]
-    cls = _remote(Planner)
-    return [cls.options(num_cpus=0, max_restarts=ACTOR_RESTARTS, max_task_retries=PLAN_RETRIES,
-                        scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=True) if n else "DEFAULT").remote()
-            for n in nodes]
+    return _remote(Planner).options(
+        num_cpus=0, max_restarts=ACTOR_RESTARTS, max_task_retries=PLAN_RETRIES,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True) if node else "DEFAULT").remote()
+
+
+def _planners() -> list:
+    """One planner per alive node."""
+    return [_planner(n["NodeID"]) for n in ray.nodes() if n.get("Alive")] or [_planner()]
 
 
 class _Rec:
     """What the driver holds for a recording in flight: refs and the finished chunks' segments."""
-    __slots__ = ("item", "o", "t0", "meta", "data", "regions", "results", "left", "stats", "name", "lang")
+    __slots__ = ("item", "o", "t0", "meta", "data", "regions", "results", "left", "stats", "name", "lang",
+                 "planner", "tries")
 
     def __init__(self, item, o):
         self.item, self.o, self.t0 = item, o, time.perf_counter()
@@ -177,6 +178,7 @@ class _Rec:
         self.left = 0
         self.stats: dict = {}
         self.name = self.lang = None
+        self.planner, self.tries = None, 0  # (slot, handle) of its planner, and how many times it was sent
 
 
 class _Actor:
@@ -311,10 +313,12 @@ class _Driver:
             # planners reserve no CPU (the actors hold the CPUs), so the plans in flight are bounded here
             while queue and active < self.max_recordings and len(plans) < self.n_actors + 1:
                 it = queue.popleft()
-                rec = _Rec(it, item_options(self.options, it.options))
+                rec = it if isinstance(it, _Rec) else _Rec(it, item_options(self.options, it.options))
                 turn += 1
-                rec.meta, rec.data, rec.regions = planners[turn % len(planners)].plan.remote(
-                    it.audio, rec.o, self.chunks_per_task)
+                slot = turn % len(planners)
+                rec.planner, rec.tries = (slot, planners[slot]), rec.tries + 1
+                rec.meta, rec.data, rec.regions = planners[slot].plan.remote(
+                    rec.item.audio, rec.o, self.chunks_per_task)
                 plans[rec.meta] = rec
                 active += 1
             live = [a for a in pool if a.ready]
@@ -365,7 +369,15 @@ class _Driver:
                     try:
                         meta = ray.get(ref)
                     except RayError as e:
-                        fail(rec, f"planning failed: {_cause(e)}")
+                        if _system_error(e) and rec.tries < GROUP_ATTEMPTS:
+                            # its planner is gone for good (restarts used up): a new one, anywhere
+                            slot, handle = rec.planner
+                            if planners[slot] is handle:
+                                planners[slot] = _planner()
+                            active -= 1
+                            queue.appendleft(rec)
+                        else:
+                            fail(rec, f"planning failed: {_cause(e)}")
                         continue
                     if meta.get("error"):
                         rec.meta = None
