@@ -1,4 +1,5 @@
-"""Where Murmur keeps what it derives from its inputs: $MURMUR_CACHE, else ~/.cache/murmur."""
+"""Where Murmur keeps what it derives from its inputs: $MURMUR_CACHE, else ~/.cache/murmur; and the
+per-model artefacts it ships (murmur/data) beside the user's retrained copies."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,17 @@ from pathlib import Path
 
 def cache_dir() -> Path:
     return Path(os.environ.get("MURMUR_CACHE", Path.home() / ".cache" / "murmur"))
+
+
+PACKAGE_DATA = Path(__file__).resolve().parent / "data"
+
+
+def model_files(kind: str, model_name: str, ext: str) -> tuple[Path, Path]:
+    """(the user's file in the cache, the one shipped in murmur/data) of a per-model artefact, e.g.
+    kind "duo", ext "json" -> duo_tiny.en.json; callers prefer the first where it exists."""
+    key = Path(str(model_name)).name.replace(os.sep, "_") or "model"
+    name = f"{kind}_{key}.{ext}"
+    return cache_dir() / name, PACKAGE_DATA / name
 
 
 def write_atomic(path: Path, text: str) -> bool:

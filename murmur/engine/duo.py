@@ -19,25 +19,19 @@ from pathlib import Path
 import numpy as np
 
 from murmur.errors import ModelError
-from murmur.paths import cache_dir
-
-DATA = Path(__file__).resolve().parents[1] / "data"  # murmur/data, package data
+from murmur.paths import model_files
 
 # locality windows, shared with the attention analysis, DuoAttention's calibration and policy defaults
 SELF_SINK, SELF_WINDOW = 4, 32
 CROSS_SINK, CROSS_BACK, CROSS_AHEAD = 0, 50, 300
 
 
-def _key(model_name: str) -> str:
-    return Path(str(model_name)).name.replace(os.sep, "_") or "model"
-
-
 def user_map_path(model_name: str) -> Path:
-    return cache_dir() / f"duo_{_key(model_name)}.json"
+    return model_files("duo", model_name, "json")[0]
 
 
 def shipped_map_path(model_name: str) -> Path:
-    return DATA / f"duo_{_key(model_name)}.json"
+    return model_files("duo", model_name, "json")[1]
 
 
 def load_duo_map(model_name: str = "tiny.en", path: str | os.PathLike | None = None) -> dict:

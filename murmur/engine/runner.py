@@ -157,9 +157,9 @@ class Engine:
     # --- one decode step over all rows ---------------------------------------------------------
     @torch.inference_mode()
     def _step(self, hi: int, plain: bool = False) -> None:
-        self.stats["target_forwards"] += 1
         if self.spec is not None and not plain:
             return self._spec_step(hi)
+        self.stats["target_forwards"] += 1
         t0 = time.perf_counter()
         active = np.array([o is not None for o in self.owner_of[:hi]])
         logits = self.model.decoder(self.last_token[:hi, None], self.cache, 0, active=active)[:, -1]
@@ -225,11 +225,11 @@ class Engine:
         if not drafts and all(a.req.temperature == 0 for a in acts):
             # nothing to verify: the plain step, without the verify path's bookkeeping (sampling
             # rows stay on that path, which draws their uniforms in its own order)
-            self.stats["target_forwards"] -= 1
             self.stats["decode_s"] += t1 - t0
             self._step(hi, plain=True)
             self.spec.after_forward(self, hi, np.zeros(hi, dtype=np.int64))
             return
+        self.stats["target_forwards"] += 1
         n = 1 + max((len(d.tokens) for d in drafts.values()), default=0)
         # column 0 is each row's pending token; shorter drafts are padded (and rolled back)
         tokens = self.last_token[:hi, None].repeat(1, n)

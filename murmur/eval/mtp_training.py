@@ -105,7 +105,6 @@ def train_mtp(model_name: str = "tiny.en", audio_paths=None, out_path: str | os.
         if progress:
             print(f"decoded at speed {f}: {len(train)} windows, {time.perf_counter() - t0:.0f} s", flush=True)
     val = decode_windows(loaded, val_audio) if val_audio else train[:1]
-    windows = train + val
     h_tr, t_tr = _examples(loaded, train, k)
     h_va, t_va = _examples(loaded, val, k)
     emb = loaded.model.decoder.token_embedding.weight.detach().float().cpu()
@@ -147,7 +146,7 @@ def train_mtp(model_name: str = "tiny.en", audio_paths=None, out_path: str | os.
     torch.save(heads.state(loaded.name, made), tmp)
     os.replace(tmp, out)
     return {"model": loaded.name, "path": str(out), "bytes": out.stat().st_size, "heads": k,
-            "files": len(train_paths), "heldout_files": len(val_paths), "windows": len(windows), "train_positions": len(h_tr),
+            "files": len(train_paths), "heldout_files": len(val_paths), "windows": len(train) + len(val), "train_positions": len(h_tr),
             "heldout_positions": len(h_va), "vocab_subset": len(vocab),
             "heldout_accuracy_per_head": [round(x, 4) for x in per],
             "heldout_tokens_per_forward": round(tpf, 3),

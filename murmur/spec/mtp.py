@@ -23,23 +23,18 @@ import torch
 from torch import Tensor, nn
 
 from murmur.errors import ModelError
-from murmur.paths import cache_dir
+from murmur.paths import model_files
 from murmur.spec.base import Draft, DraftSource
 
-DATA = Path(__file__).resolve().parents[1] / "data"
 TOP_IDS = 4096
 
 
-def _key(model_name: str) -> str:
-    return Path(str(model_name)).name.replace(os.sep, "_") or "model"
-
-
 def user_heads_path(model_name: str) -> Path:
-    return cache_dir() / f"mtp_{_key(model_name)}.pt"
+    return model_files("mtp", model_name, "pt")[0]
 
 
 def shipped_heads_path(model_name: str) -> Path:
-    return DATA / f"mtp_{_key(model_name)}.pt"
+    return model_files("mtp", model_name, "pt")[1]
 
 
 class MTPHeads(nn.Module):
