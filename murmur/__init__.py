@@ -5,10 +5,21 @@ import os
 # so with another process busy on one of 2 cores each op waits for a descheduled thread. 10k spins:
 # stitched set 82 -> 21 s with one core taken, 7.9-8.0 -> 8.1-8.3 s when idle. A user's value wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-# MKL's reproducible mode, before it loads: without it, on an AVX512-BF16 EPYC a served request's
-# timestamp token differed from `murmur transcribe` of the same file (tests/test_serve.py, 3 of 3
-# runs; 0 of 4 with it); its cost there was 5-9 % of the wall in one run. A user's value wins.
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+# MKL's reproducible mode on AMD, before MKL loads: without it, on an AVX512-BF16 EPYC a served
+# request's timestamp token differed from `murmur transcribe` of the same file (tests/test_serve.py,
+# 3 of 3 runs; 0 of 4 with it; 5-9 % of the wall). Not on Intel: on a Xeon with AMX the served text
+# matched without it (3 of 3), and its STRICT sgemm made fp32 attention depend on the key count
+# (tests/test_kernels.py). A user's value wins.
+def _vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+if _vendor() == "AuthenticAMD":
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 # the public API, nothing else: every other name is imported by its full path (murmur.audio.vad, ...)
 from murmur.engine.decoding import DecodingOptions  # noqa: E402
