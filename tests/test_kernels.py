@@ -8,7 +8,7 @@ import murmur
 from murmur import cpu
 from murmur.audio.decode import load_audio
 from murmur.models import kernels
-from murmur.models.quant import FbgemmLinear, Int8Linear
+from murmur.models.quant import Fbgemm8Linear, FbgemmLinear, Int8Linear
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def test_no_bf16_anywhere_without_native_bf16(family):
         plan = kernels.kernel_plan(ct)
         assert "bf16" not in (plan.encoder, plan.decoder, plan.speech_kv, plan.lstm), plan
     plan = kernels.kernel_plan("auto")
-    assert plan.compute_type == "int8" and plan.int8 == "fbgemm"
+    assert plan.compute_type == "int8" and plan.int8 == "fbgemm" and plan.head == "int8 fbgemm"
 
 
 def test_plans_of_the_bf16_families():
@@ -45,6 +45,9 @@ def test_plans_of_the_bf16_families():
     zen5 = kernels._plan("auto", False, cpu.CPUInfo("x", feats - {"amx", "amx_bf16"}, "avx512_bf16", None))
     assert (amx.compute_type, amx.encoder, amx.int8, amx.speech_kv) == ("int8_bfloat16", "bf16", "onednn", "bf16")
     assert (amx.attention, amx.encoder_attention) == ("sdpa", "sdpa")
+    # the logit head on fbgemm everywhere; 8-bit rows only with VNNI's exact int32 sums
+    assert amx.head == zen5.head == "int8 fbgemm8"
+    assert kernels._plan("auto", False, cpu.CPUInfo("x", frozenset({"avx2", "fma"}), "avx2", None)).head == "int8 fbgemm"
     # bf16 SDPA without AMX ran 2-3x slower than fp32: there bf16 attention runs as matmuls
     assert (zen5.encoder, zen5.int8, zen5.speech_kv) == ("bf16", "onednn", "bf16")
     assert (zen5.attention, zen5.encoder_attention) == ("matmul", "matmul")
@@ -57,7 +60,7 @@ def test_auto_model_on_avx2_has_no_bf16_tensor(family):
     m = murmur.load_model("tiny.en")
     assert m.compute_type == "int8" and m.cross_dtype == torch.float32
     layers = [x for x in m.model.modules() if isinstance(x, (FbgemmLinear, Int8Linear))]
-    assert layers and all(isinstance(x, FbgemmLinear) for x in layers)
+    assert layers and all(isinstance(x, FbgemmLinear) and not isinstance(x, Fbgemm8Linear) for x in layers)
     assert all(t.dtype != torch.bfloat16 for t in m.model.state_dict().values())
 
 

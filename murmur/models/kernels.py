@@ -2,7 +2,9 @@
 
 The rules come from measurements (docs/benchmarks.md, `murmur info --bench` shows them again on any
 machine): bf16 is chosen only where the CPU has it in hardware; `torch._int_mm` (oneDNN) only with
-AVX-512 VNNI, since elsewhere it is generic code; fbgemm's int8 GEMM everywhere else. The speech K/V
+AVX-512 VNNI, since elsewhere it is generic code; fbgemm's int8 GEMM everywhere else, and for the
+int8 logit head on every CPU (a 384x51864 GEMV: fbgemm 0.68 ms, `_int_mm` 2.3 ms on a Xeon with AMX
+and VNNI; 1.4 / 3.0 ms at 8 rows), with 8-bit rows where VNNI makes its sums exact. The speech K/V
 are bf16 wherever bf16 is native: on AMX read by SDPA; on AVX512-BF16 without AMX, where bf16 SDPA
 runs 2-3x slower than fp32, by two matmuls (murmur.models.whisper.matmul_attention), which beat fp32
 SDPA there; fp32 on AVX2.
@@ -22,7 +24,8 @@ from murmur.cpu import CPUInfo, cpu_info
 class KernelPlan:
     compute_type: str  # resolved: auto never appears here
     encoder: str  # GEMMs of the encoder and the cross K/V projections (once per window)
-    decoder: str  # per-token GEMMs and the logit head (memory-bound)
+    decoder: str  # per-token GEMMs (memory-bound)
+    head: str  # the logit projection, the largest read of a step
     speech_kv: str  # storage dtype of the decoder's cross-attention K/V
     attention: str  # attention over the speech K/V: "sdpa" or "matmul"
     encoder_attention: str  # the encoder's self-attention: "sdpa" or "matmul" (blocked)
@@ -50,11 +53,12 @@ def _plan(compute_type: str, cuda: bool, info: CPUInfo) -> KernelPlan:
         name = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[compute_type]
         kv = "fp32" if compute_type == "float32" and not cuda else name
         att = matmul if name == "bf16" else "sdpa"
-        return KernelPlan(compute_type, name, name, kv, att, att, lstm, None)
+        return KernelPlan(compute_type, name, name, name, kv, att, att, lstm, None)
     kernel = int8_kernel(info)
+    head = "int8 fbgemm8" if kernel == "onednn" else "int8 fbgemm"  # onednn: AVX-512 VNNI
     enc = "bf16" if compute_type == "int8_bfloat16" else f"int8 {kernel}"
     kv = "bf16" if info.native_bf16 else "fp32"
-    return KernelPlan(compute_type, enc, f"int8 {kernel}", kv, matmul if kv == "bf16" else "sdpa",
+    return KernelPlan(compute_type, enc, f"int8 {kernel}", head, kv, matmul if kv == "bf16" else "sdpa",
                       matmul if enc == "bf16" else "sdpa", lstm, kernel)
 
 
@@ -146,7 +150,7 @@ def format_info(bench: list[dict] | None = None) -> str:
     for ct in ("auto", "int8", "int8_bfloat16", "float32"):
         p = kernel_plan(ct)
         lines.append(f"  {ct:<14} -> {p.compute_type:<14} encoder {p.encoder:<12} decoder {p.decoder:<12} "
-                     f"speech K/V {p.speech_kv:<5} attention {p.attention:<6} encoder attention "
+                     f"head {p.head:<12} speech K/V {p.speech_kv:<5} attention {p.attention:<6} encoder attention "
                      f"{p.encoder_attention:<6} LSTMs {p.lstm}")
     if not info.native_bf16:
         lines.append("  (int8_bfloat16 runs here only when asked for: no bf16 in hardware, it is slow)")

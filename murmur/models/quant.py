@@ -103,7 +103,14 @@ class FbgemmLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 fbgemm ({bits}-bit rows)"
 
 
-INT8_LAYERS = {"onednn": Int8Linear, "fbgemm": FbgemmLinear}
+class Fbgemm8Linear(FbgemmLinear):
+    """8-bit rows: only where VNNI sums u8*s8 in int32 (vpdpbusd), so no pair sum saturates."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        super().__init__(weight, bias, reduce_range=False)
+
+
+INT8_LAYERS = {"onednn": Int8Linear, "fbgemm": FbgemmLinear, "fbgemm8": Fbgemm8Linear}
 
 
 def quantize_linears(module: nn.Module, skip=(), layer: type[nn.Module] = Int8Linear) -> None:
