@@ -36,20 +36,19 @@ def test_no_bf16_anywhere_without_native_bf16(family):
         plan = kernels.kernel_plan(ct)
         assert "bf16" not in (plan.encoder, plan.decoder, plan.speech_kv, plan.lstm), plan
     plan = kernels.kernel_plan("auto")
-    assert plan.compute_type == "int8" and plan.int8 == "fbgemm" and plan.head == "int8 fbgemm"
+    assert plan.compute_type == "int8" and plan.int8 == "fbgemm"
 
 
 def test_plans_of_the_bf16_families():
     feats = frozenset({"avx2", "fma", "avx512", "vnni", "avx512_bf16", "amx", "amx_bf16"})
     amx = kernels._plan("auto", False, cpu.CPUInfo("x", feats, "amx", None))
     zen5 = kernels._plan("auto", False, cpu.CPUInfo("x", feats - {"amx", "amx_bf16"}, "avx512_bf16", None))
-    assert (amx.compute_type, amx.encoder, amx.int8, amx.speech_kv) == ("int8_bfloat16", "bf16", "onednn", "bf16")
+    assert (amx.compute_type, amx.encoder, amx.int8, amx.speech_kv) == ("int8_bfloat16", "bf16", "fbgemm8", "bf16")
     assert (amx.attention, amx.encoder_attention) == ("sdpa", "sdpa")
-    # the logit head on fbgemm everywhere; 8-bit rows only with VNNI's exact int32 sums
-    assert amx.head == zen5.head == "int8 fbgemm8"
-    assert kernels._plan("auto", False, cpu.CPUInfo("x", frozenset({"avx2", "fma"}), "avx2", None)).head == "int8 fbgemm"
+    # 8-bit fbgemm rows only with VNNI's exact int32 sums
+    assert kernels._plan("int8", False, cpu.CPUInfo("x", frozenset({"avx2", "fma"}), "avx2", None)).int8 == "fbgemm"
     # bf16 SDPA without AMX ran 2-3x slower than fp32: there bf16 attention runs as matmuls
-    assert (zen5.encoder, zen5.int8, zen5.speech_kv) == ("bf16", "onednn", "bf16")
+    assert (zen5.encoder, zen5.int8, zen5.speech_kv) == ("bf16", "fbgemm8", "bf16")
     assert (zen5.attention, zen5.encoder_attention) == ("matmul", "matmul")
     assert kernels._plan("auto", True, cpu.CPUInfo("x", feats, "amx", None)).compute_type == "float16"
 

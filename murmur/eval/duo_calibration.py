@@ -47,7 +47,8 @@ def train_gates(loaded, windows, steps: int = 200, lr: float = 0.05, l1: float =
     from murmur.eval.analyze import anchors, decoder_replay
     p = _budget(params)
     m = loaded.model
-    if m.dtype != torch.float32 or any(type(x).__name__ == "Int8Linear" for x in m.modules()):
+    from murmur.models.quant import INT8_LAYERS
+    if m.dtype != torch.float32 or any(isinstance(x, tuple(INT8_LAYERS.values())) for x in m.modules()):
         raise ModelError("gate training needs the float32 model (gradients do not pass int8)")
     tsb = loaded.tokenizer.timestamp_begin
     data = []

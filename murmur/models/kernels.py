@@ -1,10 +1,10 @@
 """The kernel each op class runs on this CPU: what `auto` resolves to, and `murmur info`.
 
 The rules come from measurements (docs/benchmarks.md, `murmur info --bench` shows them again on any
-machine): bf16 is chosen only where the CPU has it in hardware; `torch._int_mm` (oneDNN) only with
-AVX-512 VNNI, since elsewhere it is generic code; fbgemm's int8 GEMM everywhere else, and for the
-int8 logit head on every CPU (a 384x51864 GEMV: fbgemm 0.68 ms, `_int_mm` 2.3 ms on a Xeon with AMX
-and VNNI; 1.4 / 3.0 ms at 8 rows), with 8-bit rows where VNNI makes its sums exact. The speech K/V
+machine): bf16 is chosen only where the CPU has it in hardware; int8 runs on fbgemm's GEMM, with
+8-bit rows where AVX-512 VNNI makes its sums exact, else 7-bit. `torch._int_mm` (oneDNN) is only a
+candidate: generic code without VNNI, and slower than fbgemm with it (the logit head, 384x51864, one
+row: 2.3 against 0.68 ms on a Xeon with AMX; an encoder GEMM 10.0 against 6.9 ms). The speech K/V
 are bf16 wherever bf16 is native: on AMX read by SDPA; on AVX512-BF16 without AMX, where bf16 SDPA
 runs 2-3x slower than fp32, by two matmuls (murmur.models.whisper.matmul_attention), which beat fp32
 SDPA there; fp32 on AVX2.
@@ -24,13 +24,12 @@ from murmur.cpu import CPUInfo, cpu_info
 class KernelPlan:
     compute_type: str  # resolved: auto never appears here
     encoder: str  # GEMMs of the encoder and the cross K/V projections (once per window)
-    decoder: str  # per-token GEMMs (memory-bound)
-    head: str  # the logit projection, the largest read of a step
+    decoder: str  # per-token GEMMs and the logit head (memory-bound)
     speech_kv: str  # storage dtype of the decoder's cross-attention K/V
     attention: str  # attention over the speech K/V: "sdpa" or "matmul"
     encoder_attention: str  # the encoder's self-attention: "sdpa" or "matmul" (blocked)
     lstm: str  # VAD / speaker LSTMs
-    int8: str | None  # int8 GEMM when one is used: "onednn" or "fbgemm"
+    int8: str | None  # int8 GEMM when one is used: "fbgemm8" or "fbgemm" (7-bit rows)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -38,7 +37,7 @@ class KernelPlan:
 
 def int8_kernel(info: CPUInfo | None = None) -> str:
     info = info or cpu_info()
-    return "onednn" if info.avx512 and "vnni" in info.features else "fbgemm"
+    return "fbgemm8" if info.avx512 and "vnni" in info.features else "fbgemm"
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,12 +52,11 @@ def _plan(compute_type: str, cuda: bool, info: CPUInfo) -> KernelPlan:
         name = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[compute_type]
         kv = "fp32" if compute_type == "float32" and not cuda else name
         att = matmul if name == "bf16" else "sdpa"
-        return KernelPlan(compute_type, name, name, name, kv, att, att, lstm, None)
+        return KernelPlan(compute_type, name, name, kv, att, att, lstm, None)
     kernel = int8_kernel(info)
-    head = "int8 fbgemm8" if kernel == "onednn" else "int8 fbgemm"  # onednn: AVX-512 VNNI
     enc = "bf16" if compute_type == "int8_bfloat16" else f"int8 {kernel}"
     kv = "bf16" if info.native_bf16 else "fp32"
-    return KernelPlan(compute_type, enc, f"int8 {kernel}", head, kv, matmul if kv == "bf16" else "sdpa",
+    return KernelPlan(compute_type, enc, f"int8 {kernel}", kv, matmul if kv == "bf16" else "sdpa",
                       matmul if enc == "bf16" else "sdpa", lstm, kernel)
 
 
@@ -94,7 +92,7 @@ def _time(fn, budget: float) -> float:
 def micro_bench(budget: float = 0.3, d: int = 384, vocab: int = 51864, frames: int = 1500,
                 rows: int = 16, heads: int = 6) -> list[dict]:
     """ms (best of a short run) of each candidate for each op class, at tiny.en's sizes."""
-    from murmur.models.quant import FbgemmLinear, Int8Linear
+    from murmur.models.quant import Fbgemm8Linear, FbgemmLinear, Int8Linear
 
     info = cpu_info()
     out = []
@@ -104,13 +102,15 @@ def micro_bench(budget: float = 0.3, d: int = 384, vocab: int = 51864, frames: i
         lin = torch.nn.Linear(k, n)
         cands = {"fp32": lin, "int8 fbgemm": FbgemmLinear(lin.weight, lin.bias),
                  "int8 onednn": Int8Linear(lin.weight, lin.bias)}
+        if int8_kernel(info) == "fbgemm8":  # 8-bit fbgemm rows are exact only with VNNI
+            cands["int8 fbgemm8"] = Fbgemm8Linear(lin.weight, lin.bias)
         if info.native_bf16:
             lb = torch.nn.Linear(k, n).to(torch.bfloat16)
             cands["bf16"] = lambda _x, xb=x.to(torch.bfloat16): lb(xb)
         times = {}
         for name, f in cands.items():
             # _int_mm without VNNI, bf16 without hardware: generic code, 30-70x slower; one call says so
-            slow = (name == "int8 onednn" and int8_kernel(info) != "onednn")
+            slow = (name == "int8 onednn" and int8_kernel(info) != "fbgemm8")
             times[name] = _time(lambda: f(x), 0.0 if slow else budget)
         if not info.native_bf16:
             times["bf16"] = None  # never chosen here: no bf16 in hardware
@@ -149,8 +149,8 @@ def format_info(bench: list[dict] | None = None) -> str:
              "", "path per op class (compute type auto, then each explicit one):"]
     for ct in ("auto", "int8", "int8_bfloat16", "float32"):
         p = kernel_plan(ct)
-        lines.append(f"  {ct:<14} -> {p.compute_type:<14} encoder {p.encoder:<12} decoder {p.decoder:<12} "
-                     f"head {p.head:<12} speech K/V {p.speech_kv:<5} attention {p.attention:<6} encoder attention "
+        lines.append(f"  {ct:<14} -> {p.compute_type:<14} encoder {p.encoder:<13} decoder {p.decoder:<13} "
+                     f"speech K/V {p.speech_kv:<5} attention {p.attention:<6} encoder attention "
                      f"{p.encoder_attention:<6} LSTMs {p.lstm}")
     if not info.native_bf16:
         lines.append("  (int8_bfloat16 runs here only when asked for: no bf16 in hardware, it is slow)")

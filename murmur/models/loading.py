@@ -23,10 +23,9 @@ from murmur.models.whisper import TiedLogits, Whisper
 COMPUTE_TYPES = ("auto", "int8", "int8_bfloat16", "float32", "float16", "bfloat16")
 
 
-def quantize_int8(model: Whisper, bf16_encoder: bool = False, kernel: str = "onednn",
-                  head: str = "fbgemm") -> Whisper:
-    """int8 for every Linear, row-wise, on `kernel`'s GEMM ("onednn" or "fbgemm"), and the tied logit
-    projection on `head`'s: see murmur.models.quant and murmur.models.kernels.
+def quantize_int8(model: Whisper, bf16_encoder: bool = False, kernel: str = "fbgemm") -> Whisper:
+    """int8 for every Linear and the tied logit projection (CPU), row-wise, on `kernel`'s GEMM
+    (a key of murmur.models.quant.INT8_LAYERS): see murmur.models.quant.
 
     With `bf16_encoder` the encoder and the decoder's cross K/V projections (which run once per
     window on 1500 frames, not once per token) stay in bf16 instead: on a CPU with bf16 in
@@ -44,7 +43,7 @@ def quantize_int8(model: Whisper, bf16_encoder: bool = False, kernel: str = "one
     else:
         quantize_linears(model.encoder, layer=layer)
     quantize_linears(model.decoder, skip=once_per_window if bf16_encoder else (), layer=layer)
-    model.decoder.output = INT8_LAYERS[head](model.decoder.token_embedding.weight, None)
+    model.decoder.output = layer(model.decoder.token_embedding.weight, None)
     return model
 
 
@@ -54,7 +53,7 @@ def load_model(name_or_path: str | os.PathLike = "tiny.en", device: str | None =
 
     Compute types:
       int8           (CPU) every Linear int8, row-wise, so batch-invariant (murmur.models.quant), on
-                     oneDNN where the CPU has AVX-512 VNNI, else fbgemm; speech K/V of the decoder
+                     fbgemm (8-bit rows with AVX-512 VNNI, else 7-bit); speech K/V of the decoder
                      cache in bf16 where bf16 is native (a decode step's largest read, halved), else fp32.
       int8_bfloat16  (CPU) the per-token decoder as int8; the encoder and the cross K/V
                      projections in bf16. Where the CPU has bf16 in hardware, their large GEMMs
@@ -101,8 +100,7 @@ def load_model(name_or_path: str | os.PathLike = "tiny.en", device: str | None =
     loaded.model.to(device=device, dtype=dtype).eval()
     loaded.model.requires_grad_(False)
     if compute_type.startswith("int8"):
-        quantize_int8(loaded.model, bf16_encoder=compute_type == "int8_bfloat16", kernel=plan.int8,
-                      head=plan.head.split()[-1])
+        quantize_int8(loaded.model, bf16_encoder=compute_type == "int8_bfloat16", kernel=plan.int8)
         loaded.cross_dtype = torch.bfloat16 if plan.speech_kv == "bf16" else torch.float32
     elif not cuda:
         loaded.model.decoder.output = TiedLogits(loaded.model.decoder.token_embedding.weight)

@@ -1,16 +1,18 @@
-"""int8 linear layers for the CPU, as CTranslate2 does them, on the GEMM each CPU family runs well.
+"""int8 linear layers for the CPU, as CTranslate2 does them.
 
-Both int8 layers keep int8 weights with one scale per output channel and quantise activations
+The int8 layers keep int8 weights with one scale per output channel and quantise activations
 per row, so a row's result never depends on which rows share its batch (continuous batching gives
 the same text as decoding a chunk alone). They differ in the GEMM underneath:
 
-- `Int8Linear`: symmetric int8 rows into `torch._int_mm` (oneDNN). Fast only with VNNI: elsewhere
-  torch falls to generic code (2.4 GOP/s on an AVX2 EPYC, 60x slower than fbgemm).
+- `Int8Linear`: symmetric int8 rows into `torch._int_mm` (oneDNN). Generic code without VNNI
+  (2.4 GOP/s on an AVX2 EPYC, 60x slower than fbgemm) and slower than fbgemm with it (a Xeon with
+  AMX: the logit head 2.3 against 0.68 ms a row), so only `murmur info --bench` runs it.
 - `FbgemmLinear`: fbgemm's dynamic int8 GEMM, which has real kernels on every x86 CPU. fbgemm
   quantises its input with one range per tensor; each row is scaled to [-1, 1] first and two
   pinned input columns (+1, -1, with zero weights) fix that range, so the quantisation is a
   function of the row alone. Without VNNI fbgemm sums u8*s8 pairs in int16 (vpmaddubsw), which
-  saturates at 8 bits, so there activations take 7 bits (reduce_range) and every sum is exact.
+  saturates at 8 bits, so there activations take 7 bits (reduce_range) and every sum is exact;
+  with AVX-512 VNNI it sums in int32, so `Fbgemm8Linear` keeps 8 bits.
 """
 from __future__ import annotations
 

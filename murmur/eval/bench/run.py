@@ -251,7 +251,7 @@ def cmd_bench(args) -> int:
                  torch=machine["torch"], threads=machine["threads"])
         if r["kind"] == "murmur":
             p = kernel_plan(r.get("compute_type", "auto"))
-            r["kernels"] = f"encoder {p.encoder}, decoder {p.decoder}, head {p.head}, speech K/V {p.speech_kv}"
+            r["kernels"] = f"encoder {p.encoder}, decoder {p.decoder}, speech K/V {p.speech_kv}"
     _write_transcripts(rows, out / "transcripts")
     write_csv(rows, out / "bench.csv")
     write_json(rows, out / "bench.json")
