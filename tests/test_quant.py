@@ -11,9 +11,9 @@ from murmur.models.quant import INT8_LAYERS, Fbgemm8Linear, FbgemmLinear, Int8Li
 
 def _runs_here(kernel: str) -> None:
     # without AVX-512 VNNI 8-bit rows saturate int16 pair sums (fbgemm8, and oneDNN's AVX2 kernels
-    # under ONEDNN_MAX_CPU_ISA=AVX2): the plan picks neither there
+    # under ONEDNN_MAX_CPU_ISA=AVX2); the plan takes fbgemm8 only with it, and oneDNN nowhere
     if kernel in ("fbgemm8", "onednn") and int8_kernel() != "fbgemm8":
-        pytest.skip(f"{kernel} is chosen only with AVX-512 VNNI")
+        pytest.skip(f"{kernel} is tested only with AVX-512 VNNI")
 
 
 @pytest.mark.parametrize("kernel", sorted(INT8_LAYERS))

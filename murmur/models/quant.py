@@ -115,7 +115,7 @@ class Fbgemm8Linear(FbgemmLinear):
 INT8_LAYERS = {"onednn": Int8Linear, "fbgemm": FbgemmLinear, "fbgemm8": Fbgemm8Linear}
 
 
-def quantize_linears(module: nn.Module, skip=(), layer: type[nn.Module] = Int8Linear) -> None:
+def quantize_linears(module: nn.Module, skip=(), layer: type[nn.Module] = FbgemmLinear) -> None:
     """Swap every nn.Linear inside `module` for an int8 `layer`, in place, except those in `skip`."""
     for name, child in list(module.named_children()):
         if any(child is m for m in skip):
