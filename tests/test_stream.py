@@ -70,6 +70,49 @@ def test_every_word_once_across_trims(tiny, data_dir):
     assert w["ins"] + w["dele"] <= 2, (offline, got)
 
 
+def test_turn_end_after_a_trim_hears_no_thank_you(tiny, data_dir):
+    """LJSpeech sentences a second apart, turn detection on: a long sentence's buffer is trimmed
+    at its end before the turn ends, and the turn's last update then held only silence, where
+    Whisper heard "Thank you." (three times in these clips). Its tentative words are the rest."""
+    import murmur
+    from murmur.audio.decode import load_audio
+    from murmur.stream.transcriber import StreamingTranscriber, StreamOptions
+    gap = np.zeros(SR, np.float32)
+    clips = [load_audio(data_dir / "ljspeech" / f"LJ001-000{i}.flac") for i in (1, 2, 3)]
+    audio = np.concatenate([x for c in clips for x in (c, gap)])
+    st = StreamingTranscriber(tiny, StreamOptions())
+    words, results = _play(st, audio, 0.1)
+    got = "".join(w.word for w in words)
+    assert "thank" not in got.lower(), got
+    assert sum(e.kind == "turn_completed" for r in results for e in r.events) >= 3
+    assert wer(murmur.transcribe(audio, tiny).text, got)["wer"] <= 0.08, got
+
+
+def test_encoder_pad_encodes_less_and_commits_the_same_words(tiny, jfk):
+    from murmur.stream.transcriber import MIN_INPUT, LocalDecoder, StreamingTranscriber, StreamOptions
+
+    class Seen(LocalDecoder):
+        def __init__(self, loaded):
+            super().__init__(loaded)
+            self.frames = []
+
+        def decode(self, req):
+            self.frames.append(req.mel.shape[-1])
+            return super().decode(req)
+
+    opts = StreamOptions(step_s=1.0, encoder_pad_s=8.0)
+    dec = Seen(tiny)
+    small, _ = _play(StreamingTranscriber(tiny, opts, decoder=dec), jfk, 0.02)
+    big, _ = _play(StreamingTranscriber(tiny, opts), jfk, 1.0)
+    assert dec.frames and all(MIN_INPUT <= f < 3000 and f % 200 == 0 for f in dec.frames), dec.frames
+    assert [w.word for w in small] == [w.word for w in big]
+    text = "".join(w.word for w in small)
+    assert wer("And so my fellow Americans ask not what your country can do for you ask what you can do "
+               "for your country.", text)["wer"] <= 0.15, text
+    with pytest.raises(MurmurError):
+        StreamOptions(encoder_pad_s=-1.0)
+
+
 def test_silence_and_bad_input(tiny):
     from murmur.stream.transcriber import StreamingTranscriber, StreamOptions
     st = StreamingTranscriber(tiny, StreamOptions())

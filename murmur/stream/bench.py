@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from murmur.stream.cli import pad_seconds
+
 SAMPLE_RATE = 16000
 TARGET_MEDIAN_S, TARGET_P90_S = 2.0, 3.5
 
@@ -75,7 +77,8 @@ def _play(make, audio: np.ndarray, speed: float, piece_s: float, start: float, o
     try:
         while fed < n:
             now = (time.monotonic() - start) * speed
-            due = min(n, int(now * SAMPLE_RATE) // piece * piece)
+            # speed 0: piece by piece as fast as it decodes (no backlog, so the same words every run)
+            due = min(n, fed + piece) if speed <= 0 else min(n, int(now * SAMPLE_RATE) // piece * piece)
             if due <= fed:
                 time.sleep(max(0.001, ((fed + piece) / SAMPLE_RATE - now) / speed))
                 continue
@@ -129,7 +132,7 @@ def main(args) -> int:
             for k in counts:
                 engine = SharedEngine(loaded, batch_size=max(8, k))
                 opts = StreamOptions(policy=policy, step_s=args.step, frame_threshold=args.frame_threshold,
-                                     agreement=args.agreement)
+                                     agreement=args.agreement, encoder_pad_s=args.encoder_pad)
                 outs = [dict() for _ in range(k)]
                 start = time.monotonic() + 0.2
                 threads = [threading.Thread(target=_play, args=(
@@ -148,11 +151,14 @@ def main(args) -> int:
                     text = "".join(w.word for w, _ in o["words"])
                     wers.append(wer(clip.reference, text)["wer"])
                     vs_off.append(wer(off.text, text)["wer"])
-                    lat += latencies(o["words"], ref_words)
-                row = dict(set=clip.name, policy=policy, streams=k, seconds=round(len(clip.audio) / SAMPLE_RATE, 1),
+                    if args.speed > 0:  # latency means something on the real clock only
+                        lat += latencies(o["words"], ref_words)
+                row = dict(set=clip.name, policy=policy, streams=k, encoder_pad_s=args.encoder_pad,
+                           seconds=round(len(clip.audio) / SAMPLE_RATE, 1),
                            wer=_mean(wers), offline_wer=off_wer, wer_vs_offline=_mean(vs_off),
                            wer_rel=(_mean(wers) / off_wer - 1) if off_wer and wers else None,
-                           median_s=_pct(lat, 50), p90_s=_pct(lat, 90), words=len(lat), errors=errors,
+                           median_s=_pct(lat, 50), p90_s=_pct(lat, 90), errors=errors,
+                           words=sum(len(o.get("words", ())) for o in outs),
                            updates=sum(o.get("stats", {}).get("updates", 0) for o in outs),
                            update_s=_mean([(o["stats"]["decode_s"] + o["stats"]["align_s"]) / o["stats"]["updates"]
                                            for o in outs if o.get("stats", {}).get("updates")]))
@@ -187,12 +193,13 @@ def _fmt(r) -> str:
 
 
 def _table(rows) -> str:
-    head = "| set | policy | streams | WER % | offline WER % | rel. | WER vs offline % | median s | p90 s | words |"
-    lines = [head, "|" + "---|" * 10]
+    head = ("| set | policy | streams | WER % | offline WER % | rel. | WER vs offline % | median s | p90 s | words |"
+            " s an update |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(f"| {r['set']} | {r['policy']} | {r['streams']} | {_f(r['wer'], 100)} | {_f(r['offline_wer'], 100)} | "
                      f"{_f(r['wer_rel'], 100, 1)} % | {_f(r['wer_vs_offline'], 100)} | {_f(r['median_s'])} | "
-                     f"{_f(r['p90_s'])} | {r['words']} |")
+                     f"{_f(r['p90_s'])} | {r['words']} | {_f(r['update_s'])} |")
     return "\n".join(lines)
 
 
@@ -203,10 +210,14 @@ def add_parser(sub) -> None:
     p.add_argument("--streams", default="1,2,4", help="simultaneous stream counts to try, e.g. 1,2,4,6")
     p.add_argument("--policies", default="local-agreement,align-att")
     p.add_argument("--step", type=float, default=0.5, help="seconds of audio between updates")
+    p.add_argument("--encoder-pad", type=pad_seconds, default=None,
+                   help="seconds of silence the encoder sees after the buffer, to encode less than the whole "
+                        "30-s window (default: full)")
     p.add_argument("--agreement", type=int, default=2)
     p.add_argument("--frame-threshold", type=int, default=25)
     p.add_argument("--piece", type=float, default=0.1, help="seconds per piece of audio the client sends")
-    p.add_argument("--speed", type=float, default=1.0, help="1 = real time (the measurement); >1 only to try it out")
+    p.add_argument("--speed", type=float, default=1.0, help="1 = real time (the measurement); >1 only to try it out; "
+                   "0 = as fast as it decodes, for WER alone (no latency)")
     p.add_argument("--model", default="tiny.en")
     p.add_argument("--compute-type", default="auto")
     p.add_argument("--threads", type=int, default=None)

@@ -7,6 +7,7 @@ follow it, dimmed, on the current line. `--format jsonl` prints one event per li
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -14,6 +15,16 @@ import time
 
 SAMPLE_RATE = 16000
 PIECE_S = 0.1
+
+
+def pad_seconds(raw: str) -> float | None:
+    """--encoder-pad: seconds, or 'full' for the whole 30-s window."""
+    if raw.strip().lower() == "full":
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds or 'full', got {raw!r}") from None
 
 
 def _pieces_from_file(path: str, speed: float):
@@ -100,7 +111,8 @@ def cmd_stream(args) -> int:
 
     set_threads(args.threads)
     opts = StreamOptions(policy=args.policy, agreement=args.agreement, frame_threshold=args.frame_threshold,
-                         step_s=args.step, vad=not args.no_vad, language=args.language, prompt=args.prompt)
+                         step_s=args.step, encoder_pad_s=args.encoder_pad, vad=not args.no_vad,
+                         language=args.language, prompt=args.prompt)
     st = StreamingTranscriber(get_model(args.model, args.device, args.compute_type), opts)
     printer = _Printer(args.format)
     pieces = _pieces_from_stdin() if args.input == "-" else _pieces_from_file(args.input, args.speed)
@@ -123,6 +135,9 @@ def add_parser(sub) -> None:
     p.add_argument("--agreement", type=int, default=2, help="n of LocalAgreement-n")
     p.add_argument("--frame-threshold", type=int, default=25, help="align-att: encoder frames (20 ms) kept back")
     p.add_argument("--step", type=float, default=0.5, help="seconds of audio between updates")
+    p.add_argument("--encoder-pad", type=pad_seconds, default=None,
+                   help="seconds of silence the encoder sees after the buffer, to encode less than the whole "
+                        "30-s window (default: full)")
     p.add_argument("--no-vad", action="store_true", help="no turn detection: decode every step until the end")
     p.add_argument("--language", default=None)
     p.add_argument("--prompt", default=None, help="text to condition the first update on")
