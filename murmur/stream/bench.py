@@ -10,6 +10,7 @@ alignment), median and p90.
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 import re
@@ -21,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from murmur.stream.cli import pad_seconds
 
 SAMPLE_RATE = 16000
 TARGET_MEDIAN_S, TARGET_P90_S = 2.0, 3.5
@@ -68,6 +67,16 @@ def load_clips(names: list[str], max_seconds: float) -> list[Clip]:
                 ref_words += [(w["words"], c["start"] + w["end_time"]) for w in ws]
         out.append(Clip(name, audio, ref, ref_words))
     return out
+
+
+def pad_seconds(raw: str) -> float | None:
+    """--encoder-pad: seconds, or 'full' for the whole 30-s window."""
+    if raw.strip().lower() == "full":
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds or 'full', got {raw!r}") from None
 
 
 def _play(make, audio: np.ndarray, speed: float, piece_s: float, start: float, out: dict) -> None:

@@ -7,7 +7,6 @@ follow it, dimmed, on the current line. `--format jsonl` prints one event per li
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -15,16 +14,6 @@ import time
 
 SAMPLE_RATE = 16000
 PIECE_S = 0.1
-
-
-def pad_seconds(raw: str) -> float | None:
-    """--encoder-pad: seconds, or 'full' for the whole 30-s window."""
-    if raw.strip().lower() == "full":
-        return None
-    try:
-        return float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds or 'full', got {raw!r}") from None
 
 
 def _pieces_from_file(path: str, speed: float):
@@ -127,6 +116,7 @@ def cmd_stream(args) -> int:
 
 
 def add_parser(sub) -> None:
+    from murmur.stream.bench import pad_seconds
     p = sub.add_parser("stream", help="live transcription of a file played in real time, or of PCM on stdin")
     p.add_argument("input", help="audio file, or - for raw 16-kHz s16le mono PCM on stdin")
     p.add_argument("--speed", type=float, default=1.0, help="playback speed of a file (0: as fast as possible)")
