@@ -44,8 +44,8 @@ POLICIES = ("local-agreement", "align-att")
 SENTENCE_END = ".?!。！？"
 ENCODER_FPS = SAMPLE_RATE / HOP_LENGTH / 2  # 50 encoder frames a second
 PAD_BLOCK = 200  # mel frames (2 s) the encoder's input is rounded up to
-# and at least this long: below 600 encoder frames oneDNN's bf16 GEMMs split their sums by the
-# thread count (1 and 2 threads gave other bits), so a stream's words would depend on the load
+# and at least this long: below 600 encoder frames oneDNN's bf16 GEMMs (AMX Xeon) split their sums
+# by the thread count (1 and 2 threads gave other bits), so a stream's words would depend on the load
 MIN_INPUT = 1200
 _ids = itertools.count()
 
