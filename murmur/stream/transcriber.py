@@ -8,10 +8,10 @@ Per stream the state is explicit and small:
 - the last hypotheses (what the commit policy compares);
 - the VAD's recurrent state (murmur.stream.vad).
 
-Every `step_s` of new audio while a turn is open, the buffer is decoded as one window, padded by
-`encoder_pad_s` of silence (a `Request` for the engine: many streams' updates decode as rows of one
-batch), words get times from the alignment heads + DTW (murmur.timing), and a commit policy decides
-which words are settled:
+Every `step_s` of new audio while a turn is open, the buffer is decoded as one window, padded with
+silence to 30 s or by `encoder_pad_s` (a `Request` for the engine: many streams' updates decode as
+rows of one batch), words get times from the alignment heads + DTW (murmur.timing), and a commit
+policy decides which words are settled:
 - `local-agreement` (LocalAgreement-n, whisper_streaming): the prefix the last n updates agree on;
 - `align-att` (AlignAtt, SimulStreaming): the prefix whose tokens' cross-attention peaks more than
   `frame_threshold` encoder frames before the end of the audio heard so far.
