@@ -319,3 +319,19 @@ def test_analyze_attention_on_jfk(tiny, jfk_path, tmp_path):
     assert local.max() > 0.7 and local.min() < 0.3
     for name in ("attention.txt", "attention.json", "attention.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_paused_rows_keep_their_cache_through_a_focus_step():
+    cache = KVCache(L, 3, H, D, CTX, FR)
+    for r in range(3):
+        _load(cache, r, FR)
+    _forward(cache, 0, 3, 5)
+    before = (cache.fill.copy(), cache.self_keep.clone(), cache.k[:, :, :, :5].clone())
+    cache.paused = np.array([False, True, False])
+    step = _forward(cache, 0, 3, 1, active=np.array([True, False, True]))
+    cache.paused = None
+    assert step.slots[1, 0] == 5  # the paused row computed into its next slot...
+    assert cache.fill.tolist() == [6, 5, 6]
+    assert torch.equal(cache.self_keep[1], before[1][1])  # ...and kept nothing
+    assert torch.equal(cache.k[:, 1, :, :5], before[2][:, 1])
+    assert cache.self_keep[0, 5] and cache.self_keep[2, 5]

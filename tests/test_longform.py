@@ -114,3 +114,26 @@ def test_short_or_new_text_is_not_an_echo(tiny):
         req = st.next_request()
         req.tokens = [ts] + tok.encode(words) + [ts + 300]
         assert st.on_result(req) is None and st.echo_retries == 0
+
+
+class FocusScheduler(StreamScheduler):
+    """Calls the first chunk's windows urgent, as the server does a short request's beside long ones."""
+
+    def focus(self):
+        return lambda req: req.owner.index == 0
+
+
+def test_focus_steps_leave_every_row_its_tokens(tiny, recording):
+    """Steps over the urgent request's rows alone (the others paused in place) change no text."""
+    plans, _ = plan_chunks(recording, 20.0)
+    tok, opts = tiny.tokenizer, DecodingOptions(language="en")
+    out = {}
+    for name, cls in (("plain", StreamScheduler), ("focus", FocusScheduler)):
+        streams = [ChunkStream(p.pieces, tok, opts, p.time_map, index=i, language="en") for i, p in enumerate(plans)]
+        engine = Engine(tiny, opts, batch_size=4)
+        engine.run(cls(streams, max_open=8))
+        out[name] = ([[s.tokens for s in st.segments] for st in streams], engine.stats)
+    assert out["focus"][0] == out["plain"][0]
+    st = out["focus"][1]
+    assert 0 < st["focus_steps"] < st["steps"] and out["plain"][1]["focus_steps"] == 0
+    assert st["slot_steps"] < out["plain"][1]["slot_steps"]  # focus steps span fewer rows

@@ -266,7 +266,7 @@ class _FakeSched:
 
 class _FakeJob:
     def __init__(self, seconds):
-        self.seconds, self.streams = seconds, []
+        self.seconds, self.streams = seconds, [object()]
 
     def remaining_seconds(self):
         return self.seconds
@@ -297,5 +297,14 @@ def test_admission_spreads_encodes_keeps_a_row_free_and_lets_short_requests_thro
     entries["long"].in_flight -= 1  # a long window finished: its row is free again...
     entries["long"].sched.out -= 1
     assert s.pop_ready(2) == []  # ...but stays so while the short request decodes
+    # while it decodes beside the long one, its windows step alone (Engine._focus)
+    urgent = s.focus()
+    req = type("R", (), {})
+    req.owner = entries["short"].job.streams[0]
+    assert urgent(req)
+    req.owner = entries["long"].job.streams[0]
+    assert not urgent(req)
     entries["short"].in_flight = 8  # short ones holding half the rows: the long one gets rows again
     assert len(s.pop_ready(2)) == 1
+    s._entries.remove(entries["long"])
+    assert s.focus() is None  # nobody to wait for it

@@ -153,9 +153,13 @@ def test_priority_scheduler_serves_live_first():
 
     s = PriorityScheduler(reserve_live=1)
     s.add_source(Files(), FILE)
-    s.submit(Request(mel=None, prompt=[], tag="live"), LIVE)
-    got = [r.tag for r in s.pop_ready(4)]
-    assert got == ["live", "f0", "f1"]  # live first; one row kept back for live streams
+    assert s.focus() is None
+    live = Request(mel=None, prompt=[], tag="live")
+    s.submit(live, LIVE)
+    got = s.pop_ready(4)
+    assert [r.tag for r in got] == ["live", "f0", "f1"]  # live first; one row kept back for live streams
+    urgent = s.focus()  # beside file windows, live updates step alone (Engine._focus)
+    assert urgent(live) and not urgent(got[1])
 
 
 def _free_port():

@@ -21,6 +21,7 @@ from murmur.engine.kv.cache import KVCache
 from murmur.models.common import LoadedModel
 
 STOP_EVERY = 8  # steps between stop checks: a check decodes and compresses the row's text
+FOCUS_RUN = 8  # focus steps in a row (urgent requests' rows only) before one step of every row
 
 
 @dataclass
@@ -101,7 +102,8 @@ class Engine:
         self.stats = {"encode_s": 0.0, "decode_s": 0.0, "prefill_s": 0.0, "forward_s": 0.0, "windows": 0,
                       "steps": 0, "tokens": 0, "row_steps": 0, "slot_steps": 0, "encoded_windows": 0,
                       "joined_running": 0, "target_forwards": 0, "prefills": 0, "draft_tokens": 0,
-                      "accepted_tokens": 0, "draft_s": 0.0}
+                      "accepted_tokens": 0, "draft_s": 0.0, "focus_steps": 0}
+        self._focused = 0  # focus steps in a row (see _focus)
 
     # --- encoder -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -156,22 +158,59 @@ class Engine:
 
     # --- one decode step over all rows ---------------------------------------------------------
     @torch.inference_mode()
-    def _step(self, hi: int, plain: bool = False) -> None:
+    def _step(self, hi: int, plain: bool = False, focus: list[_Active] | None = None) -> None:
+        """A token for every busy row of [0, hi); with `focus`, only for those requests' rows: the
+        step spans their rows alone and the other busy rows in that span sit it out (paused)."""
         if self.spec is not None and not plain:
             return self._spec_step(hi)
         self.stats["target_forwards"] += 1
         t0 = time.perf_counter()
-        active = np.array([o is not None for o in self.owner_of[:hi]])
-        logits = self.model.decoder(self.last_token[:hi, None], self.cache, 0, active=active)[:, -1]
+        lo = 0
+        if focus is None:
+            active = np.array([o is not None for o in self.owner_of[:hi]])
+        else:
+            rows = [r for a in focus for r in a.rows]
+            lo, hi = min(rows), max(rows) + 1
+            hot = {id(a) for a in focus}
+            active = np.array([o is not None and id(o) in hot for o in self.owner_of[lo:hi]])
+            paused = np.zeros(self.batch_size, dtype=bool)
+            paused[lo:hi] = [o is not None and id(o) not in hot for o in self.owner_of[lo:hi]]
+            self.cache.paused = paused
+            self.stats["focus_steps"] += 1
+        try:
+            logits = self.model.decoder(self.last_token[lo:hi, None], self.cache, lo, active=active)[:, -1]
+        finally:
+            self.cache.paused = None
         self.stats["forward_s"] += time.perf_counter() - t0
-        if not active.all():
-            logits[torch.from_numpy(~active)] = 0.0  # free slots: keep NaNs out of sampling
-        acts = list({id(o): o for o in self.owner_of[:hi] if o is not None}.values())
-        self._select(logits, list(range(hi)), acts)
+        if focus is not None:
+            sel = np.flatnonzero(active)
+            self._select(logits[torch.from_numpy(sel)], (sel + lo).tolist(), focus)
+        else:
+            if not active.all():
+                logits[torch.from_numpy(~active)] = 0.0  # free slots: keep NaNs out of sampling
+            acts = list({id(o): o for o in self.owner_of[:hi] if o is not None}.values())
+            self._select(logits, list(range(hi)), acts)
         self.stats["steps"] += 1
         self.stats["row_steps"] += int(active.sum())
-        self.stats["slot_steps"] += hi
+        self.stats["slot_steps"] += hi - lo
         self.stats["decode_s"] += time.perf_counter() - t0
+
+    def _focus(self, urgent: Callable[[], Callable[[Request], bool] | None]) -> list[_Active] | None:
+        """The requests the scheduler calls urgent, when other busy rows could wait for them: at
+        most FOCUS_RUN steps in a row, so that waiting rows still move at 1/(FOCUS_RUN+1) speed.
+        Not with a KV policy or speculation, whose per-step work covers every row of the span."""
+        if self.spec is not None or self.cache.policy is not None:
+            return None
+        if self._focused >= FOCUS_RUN or (pred := urgent()) is None:
+            self._focused = 0
+            return None
+        acts = list({id(o): o for o in self.owner_of if o is not None}.values())
+        hot = [a for a in acts if pred(a.req)]
+        if not hot or len(hot) == len(acts):
+            self._focused = 0
+            return None
+        self._focused += 1
+        return hot
 
     def _select(self, logits: Tensor, rows: list[int], acts: list[_Active]) -> None:
         """Filter `logits` [len(rows), V] of cache `rows`, pick each row's next token and record it."""
@@ -394,6 +433,7 @@ class Engine:
         # a long-lived scheduler (the server's) may cancel requests and wait for work
         cancelled = getattr(scheduler, "take_cancelled", None)
         wait = getattr(scheduler, "wait_for_work", None)
+        urgent = getattr(scheduler, "focus", None)  # which requests may step while others wait
         while True:
             if cancelled is not None and (drop := cancelled()) is not None:
                 self.cancel(drop)
@@ -408,7 +448,7 @@ class Engine:
                 admitted += 1
             busy = [i for i, o in enumerate(self.owner_of) if o is not None]
             if busy:
-                self._step(busy[-1] + 1)
+                self._step(busy[-1] + 1, focus=self._focus(urgent) if urgent is not None else None)
                 self._drain(scheduler)
             elif scheduler.finished():
                 return

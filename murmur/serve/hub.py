@@ -151,6 +151,17 @@ class ServerScheduler:
             return short
         return list(self._entries)
 
+    def focus(self) -> Callable[[Request], bool] | None:
+        """The engine's focus hook: while a short request decodes beside longer ones, its rows step
+        alone (murmur.engine.runner.Engine._focus): a 16-row step costs ~4x a one-row step, which
+        a short request would otherwise pay for each of its tokens."""
+        with self._lock:
+            short = [e for e in self._entries if e.job.remaining_seconds() <= SHORT_S]
+            if not short or len(short) == len(self._entries):
+                return None
+            ids = {id(s) for e in short for s in e.job.streams}
+        return lambda req: id(req.owner) in ids
+
     def _pop(self, e: Entry, n: int) -> list[Request]:
         if self.max_windows is not None:
             n = min(n, self.max_windows - e.in_flight)

@@ -118,6 +118,15 @@ class PriorityScheduler:
                 keep.append(s)
         self._sources = keep
 
+    def focus(self):
+        """The engine's focus hook: while file windows decode, live updates step alone
+        (murmur.engine.runner.Engine._focus), so a long file's rows do not slow every live token."""
+        with self._lock:
+            if not self._owner or not self._pending:
+                return None
+            live = set(self._pending)
+        return lambda req: id(req) in live
+
     def complete(self, req: Request) -> None:
         with self._lock:
             sched = self._owner.pop(id(req), None)

@@ -40,6 +40,7 @@ class Step:
     cross_masks: list[Tensor] | None = None
     cross_biases: list[Tensor] | None = None
     per_query: bool | str = False  # one query at a time (verification); 'whole': each reads all the step's keys
+    paused: np.ndarray | None = None  # rows in [start, stop) that hold a request but sit this step out
 
 
 class KVCache:
@@ -69,6 +70,9 @@ class KVCache:
         # many of each row's fed tokens it accepted (commit(step, keep))
         self.hold = False
         self.held: Step | None = None
+        # a focus step (Engine: urgent rows only): rows [n_rows] that hold a request but do not
+        # step; inside the step's range they compute into their next slot and keep nothing
+        self.paused: np.ndarray | None = None
 
     # --- rows --------------------------------------------------------------------------------
     def reset(self, start: int, stop: int) -> None:
@@ -137,8 +141,13 @@ class KVCache:
     def prepare(self, start: int, stop: int, n_tokens: int, active: np.ndarray | None = None) -> Step:
         """Plan a forward over rows [start, stop); inactive rows (free slots) compute but keep nothing."""
         fill, pos = self.fill[start:stop].copy(), self.pos[start:stop].copy()
+        paused = None
         if active is not None:
-            fill[~active], pos[~active] = 0, 0
+            free = ~active
+            if self.paused is not None:  # paused rows write their next slot (their next step overwrites it)
+                paused = self.paused[start:stop] & free
+                free &= ~paused
+            fill[free], pos[free] = 0, 0
         if int(pos.max(initial=0)) + n_tokens > self.n_ctx or int(fill.max(initial=0)) + n_tokens > self.n_ctx:
             raise RuntimeError("decoder context exceeded; the caller must bound sample_len")
         ar = np.arange(n_tokens)
@@ -165,7 +174,8 @@ class KVCache:
             cross_bias = torch.zeros(cross_mask.shape, dtype=self.k.dtype, device=dev)
             cross_bias.masked_fill_(~cross_mask, float("-inf"))
         step = Step(start, stop, n_tokens, positions, slots, length, self_mask, fr, cross_mask, cross_bias, active,
-                    per_query=self.hold and ("whole" if self.policy is None else True))
+                    per_query=self.hold and ("whole" if self.policy is None else True),
+                    paused=paused if paused is not None and paused.any() else None)
         if self.policy is not None and getattr(self.policy, "per_head", False):
             self._per_head(step)
         return step
@@ -205,6 +215,9 @@ class KVCache:
         if self.hold:
             self.held = step
             return
+        if step.paused is not None:  # their scratch slot keeps nothing
+            r = torch.from_numpy(np.flatnonzero(step.paused)).to(self.device)
+            self.self_keep[(r + step.start)[:, None], step.slots[r]] = False
         if keep is None:
             inc = step.n_tokens if step.active is None else step.n_tokens * step.active
         else:
