@@ -4,11 +4,18 @@ driver's memory per recording over many short synthetic recordings.
     PYTHONPATH=$PWD python scripts/ray_scaling.py [--set lj|libri|both] [--limit N] [--synthetic 2000]
 
 Sets: `lj` the 32 LJSpeech clips (3.7 min), `libri` the 100 LibriSpeech test-other utterances of
-librispeech_other_noref (12.8 min), `both` (the default, 16.5 min). Nodes are real raylets on this
+librispeech_other_noref (12.8 min), `both` (the default, 16.5 min), `all` every recording of the
+shared data (152, 30 min). Nodes are real raylets on this
 machine (ray.cluster_utils.Cluster, loopback only), one CPU each; each actor uses one torch thread, as
 does the local run. Walls include the actors starting and loading the model, as a job would;
 `startup_s` is when the last actor was ready, and `steady` divides the audio by the wall after it.
 On a machine shared with other work the figures are noisy: say so when quoting them.
+
+With `--pin` (the default where the machine has two CPUs or more) each node is a 1-CPU node in fact,
+not only in Ray's accounting: node i's processes (raylet, workers, planners) run on CPU i alone, the
+driver and the GCS beside the head on CPU 0, and the local run on CPU 0. Unpinned, the one-node run
+borrows the idle second core for the planners (num_cpus=0) and Ray's own processes, which the
+two-node run does not have to lend, so its ratio understates what a second machine adds.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import sys
 import tempfile
 import time
 import wave
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,39 +39,53 @@ os.environ.setdefault("MURMUR_THREADS", "1")
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
 
 
-def _cluster(nodes: int, tmp: Path):
+def _pin(cpu: int | None) -> None:
+    """This process, and what it starts from now on, on `cpu` alone (None: leave as is)."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
+
+def _cluster(nodes: int, tmp: Path, pin: bool = False):
     from ray.cluster_utils import Cluster
     Path("/tmp/ray").mkdir(exist_ok=True)
+    _pin(0 if pin else None)  # the head's processes inherit the driver's CPU
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                      "object_store_memory": 200_000_000, "temp_dir": str(tmp)})
-    for _ in range(nodes - 1):
+    for i in range(1, nodes):
+        _pin(i if pin else None)
         c.add_node(num_cpus=1, object_store_memory=200_000_000)
+    _pin(0 if pin else None)
     c.wait_for_nodes()
     return c
 
 
-def _ray_run(nodes: int, items, out: Path, tmp: Path, **kw) -> tuple[float, dict, float, float]:
+def _ray_run(nodes: int, items, out: Path, tmp: Path, pin: bool = False, **kw) -> tuple[float, dict, float, float]:
     import psutil
     import ray
 
     from murmur.distributed.job import OutputDir
     from murmur.distributed.ray_job import run_ray
     from murmur.options import TranscribeOptions
-    c = _cluster(nodes, tmp)
+    c = _cluster(nodes, tmp, pin)
     ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
     try:
         rss0 = psutil.Process().memory_info().rss
         t0 = time.perf_counter()
         ready = []
+        head = ray.get_runtime_context().get_node_id()
+
+        def on_event(ev, info):
+            if ev == "actor_ready":
+                ready.append((round(time.perf_counter() - t0, 2), "head" if info["node"] == head else "worker"))
+
         counts = run_ray(items, OutputDir(out, ["txt"]), "tiny.en", TranscribeOptions(), progress=False,
-                         on_event=lambda ev, _: ev == "actor_ready" and ready.append(time.perf_counter() - t0),
-                         **kw)
+                         on_event=on_event, **kw)
         wall = time.perf_counter() - t0
         rss = psutil.Process().memory_info().rss - rss0
     finally:
         ray.shutdown()
         c.shutdown()
-    return wall, counts, rss, max(ready, default=0.0)
+    return wall, counts, rss, ready
 
 
 def _synthetic(folder: Path, n: int, seed: int = 0) -> list[str]:
@@ -82,10 +104,16 @@ def _synthetic(folder: Path, n: int, seed: int = 0) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--set", choices=["lj", "libri", "both"], default="both", help="the throughput batch")
+    ap.add_argument("--set", choices=["lj", "libri", "both", "all"], default="both", help="the throughput batch")
     ap.add_argument("--limit", type=int, default=0, help="only the first N recordings of the set (0: all)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="the set this many times over (ids suffixed ~2, ~3, ...): a batch long enough that the "
+                         "actors' start-up (a fixed 4-6 s here) weighs as little as in a real archive")
     ap.add_argument("--synthetic", type=int, default=2000, help="synthetic recordings for driver memory (0: skip)")
+    ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=len(os.sched_getaffinity(0)) >= 2,
+                    help="node i on CPU i alone, the local run on CPU 0 (default: where there are 2 CPUs)")
     args = ap.parse_args()
+    every = set(os.sched_getaffinity(0))
 
     from murmur.distributed.inputs import expand
     from murmur.distributed.job import OutputDir, run_local
@@ -96,29 +124,36 @@ def main() -> None:
         clips += sorted((data / "ljspeech").glob("LJ*.flac"))
     if args.set in ("libri", "both"):
         clips += sorted((data / "librispeech_other_noref").rglob("*.flac"))
+    if args.set == "all":  # every recording of the shared data: LJSpeech, LibriSpeech, AMI, TED, ...
+        clips = sorted(p for p in data.rglob("*") if p.suffix in (".flac", ".mp3"))
     clips = clips[:args.limit or None]
     items = expand([str(c) for c in clips])
+    items += [replace(it, id=f"{it.id}~{k}") for k in range(2, args.repeat + 1) for it in items[:len(clips)]]
     res = {}
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
+        _pin(0 if args.pin else None)
         t0 = time.perf_counter()
         run_local(items, OutputDir(d / "local", ["txt"]), "tiny.en", TranscribeOptions(), progress=False)
         res["local_wall_s"] = round(time.perf_counter() - t0, 2)
+        res["pinned"] = args.pin
         audio_s = sum(json.loads(x)["duration"] for x in (d / "local" / "summary.jsonl").read_text().splitlines())
         from murmur.cpu import cpu_info
         info = cpu_info()
         res["cpu"], res["family"] = info.model, info.family
-        res["recordings"], res["audio_s"] = len(items), round(audio_s, 1)
+        res["recordings"], res["audio_s"], res["set"] = len(items), round(audio_s, 1), f"{args.set} x{args.repeat}"
         for nodes in (1, 2):
-            wall, counts, _, ready = _ray_run(nodes, items, d / f"ray{nodes}", d / f"t{nodes}")
+            wall, counts, _, ready = _ray_run(nodes, items, d / f"ray{nodes}", d / f"t{nodes}", pin=args.pin)
             assert counts["ok"] == len(items), counts
             res[f"ray_{nodes}node_wall_s"] = round(wall, 2)
-            res[f"ray_{nodes}node_startup_s"] = round(ready, 2)
+            res[f"ray_{nodes}node_startup_s"] = max((t for t, _ in ready), default=0.0)
+            res[f"ray_{nodes}node_actors_ready_s"] = ready
         res["throughput_2node_over_1node"] = round(res["ray_1node_wall_s"] / res["ray_2node_wall_s"], 2)
         res["steady_2node_over_1node"] = round((res["ray_1node_wall_s"] - res["ray_1node_startup_s"])
                                                / (res["ray_2node_wall_s"] - res["ray_2node_startup_s"]), 2)
         res["ray_1node_over_local_wall"] = round(res["ray_1node_wall_s"] / res["local_wall_s"], 2)
         print(json.dumps(res), flush=True)
+        os.sched_setaffinity(0, every)
         if args.synthetic:
             mem = {}
             for n in (args.synthetic // 10, args.synthetic):

@@ -46,7 +46,7 @@ from murmur.errors import MurmurError
 PLAN_RETRIES = 3
 ACTOR_RESTARTS = 3
 GROUP_ATTEMPTS = 4
-WARMUP_S = 120.0  # how long the job's start waits for all actors to load the model
+WARMUP_S = 120.0  # at most this long, ready actors take only their share while others load the model
 STALL_S = 900.0  # no live actor this long: the rest of the job fails with a clear error
 
 def _one_thread() -> None:
@@ -322,14 +322,17 @@ class _Driver:
                 plans[rec.meta] = rec
                 active += 1
             live = [a for a in pool if a.ready]
+            cap = self.cap
             if len(live) < len(pool) and time.monotonic() < warmup:
-                live = []  # the first groups wait for every actor, so they spread over all of them
+                # while others still load the model, a ready actor takes only its share of the
+                # groups there are: it starts at once, and a long recording still spreads over all
+                cap = min(cap, math.ceil((len(groups) + sum(a.inflight for a in live)) / len(pool)))
             if live:
                 last_live = time.monotonic()
             elif time.monotonic() - last_live > STALL_S:
                 raise MurmurError(f"no transcription actor alive for {STALL_S:.0f} s; rerun to finish the job")
             while groups:
-                room = [a for a in live if a.inflight < self.cap]
+                room = [a for a in live if a.inflight < cap]
                 if not room:
                     break
                 a = min(room, key=lambda a: a.inflight)
