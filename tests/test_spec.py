@@ -178,3 +178,26 @@ def test_mtp_without_heads_is_a_clear_error(tiny, tmp_path):
         parse_speculative("mtp", {"heads": str(bad)}, tiny)
     with pytest.raises(MurmurError, match="needs the model"):
         parse_speculative("mtp")
+
+
+def test_small_model_drafts_for_base_and_tokens_stay_identical(tiny, data_dir):
+    """draft:tiny.en for base: another vocabulary (GPT-2's ids against multilingual ones), mapped
+    through text; in full mode and chunk 30 the tokens are plain base's, with fewer base forwards."""
+    import murmur
+    from murmur.models.loading import get_model
+    from murmur.spec.draft import DraftModel, convert
+    base = get_model("base")
+    tt, bt = tiny.tokenizer, base.tokenizer
+    ids = bt.encode(" Ask not what your country can do.") + [bt.timestamp_begin + 150]
+    assert convert(ids, bt, tt) == tt.encode(" Ask not what your country can do.") + [tt.timestamp_begin + 150]
+    assert convert(bt.sot_sequence("en", timestamps=False), bt, tt) == tt.sot_sequence(timestamps=False)
+    clip = np.concatenate([load_audio(data_dir / "ted" / "bill_gates-TED.mp3"),
+                           load_audio(data_dir / "ami" / "dev00.flac")])
+    for chunk in ("full", 30):
+        plain = murmur.transcribe(clip, base, chunk_size=chunk)
+        got = murmur.transcribe(clip, base, chunk_size=chunk, speculative="draft:tiny.en")
+        assert [s.tokens for s in got.segments] == [s.tokens for s in plain.segments], chunk
+        st = got.stats
+        assert st["accepted_tokens"] > 0.5 * st["draft_tokens"] > 0
+        assert st["target_forwards"] < 0.5 * plain.stats["target_forwards"]
+    assert isinstance(parse_speculative("draft:tiny.en+recycle", None, base).sources[0], DraftModel)

@@ -253,6 +253,7 @@ class Engine:
         active = np.array([o is not None for o in self.owner_of[:hi]])
         acts = list({id(o): o for o in self.owner_of[:hi] if o is not None}.values())
         drafts = {}
+        self.spec.prepare(self, acts)
         for a in acts:
             for j, r in enumerate(a.rows):
                 if not a.done[j]:

@@ -17,6 +17,10 @@ class DraftSource:
     def admit(self, engine, act) -> None:
         pass
 
+    def prepare(self, engine, acts, k) -> None:
+        """Before a step's proposals: `acts` are the requests in flight, `k(row)` a row's draft length
+        (a source that drafts all rows in one batch does it here)."""
+
     def propose(self, engine, act, j: int, row: int, k: int) -> Draft | None:
         return None
 

@@ -62,6 +62,10 @@ class Speculator:
         for s in self.sources:
             s.admit(engine, act)
 
+    def prepare(self, engine, acts) -> None:
+        for s in self.sources:
+            s.prepare(engine, acts, lambda r: self.k.get(r, self.k0))
+
     def propose(self, engine, act, j: int, row: int) -> Draft | None:
         k = self.k.get(row, self.k0)
         best = None
@@ -127,7 +131,7 @@ def _value(raw: str):
 
 
 def parse_speculative(spec: str | None, opts: dict[str, str] | None = None, model=None) -> Speculator | None:
-    """'none' | 'recycle' | 'mtp' (sources combine with '+'); `opts` (from --spec-opt key=value): k,
+    """'none' | 'recycle' | 'mtp' | 'draft:MODEL' (sources combine with '+'); `opts` (from --spec-opt key=value): k,
     k_min, k_max (draft lengths: start, floor, ceiling), ngram (recycle's realignment n-gram), heads
     (a file of MTP heads; default: the user's retrained heads, else the shipped ones)."""
     if spec is None or spec == "none" or spec == "":
@@ -149,10 +153,14 @@ def parse_speculative(spec: str | None, opts: dict[str, str] | None = None, mode
             from murmur.spec.mtp import MTP, load_heads
             sources.append(MTP(load_heads(model, opts.get("heads")), model.model.decoder))
         elif name.startswith("draft:") and len(name) > 6:
-            # planned (issue 15): a small-model drafter; not built yet
-            raise MurmurError(f"speculative source {name!r} is not available yet; use 'recycle' or 'mtp'")
+            if model is None:
+                raise MurmurError(f"speculative source {name!r} needs the target model")
+            from murmur.models.loading import get_model
+            from murmur.spec.draft import DraftModel
+            dev = model.model.device
+            sources.append(DraftModel(get_model(name[6:], None if dev.type == "cpu" else str(dev)), model))
         else:
-            raise MurmurError(f"unknown speculative source {name!r}; choose none or {', '.join(SOURCE_NAMES)}"
-                              " (combine with '+')")
+            raise MurmurError(f"unknown speculative source {name!r}; choose none, {', '.join(SOURCE_NAMES)}"
+                              " or draft:MODEL (combine with '+')")
     k = int(opts.get("k", 8))
     return Speculator(sources, k=k, k_min=int(opts.get("k_min", 1)), k_max=int(opts.get("k_max", max(16, k))))

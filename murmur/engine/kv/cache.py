@@ -82,6 +82,12 @@ class KVCache:
         if self.policy is not None:
             self.policy.reset(self, start, stop)
 
+    def truncate(self, row: int, n: int) -> None:
+        """Row `row` forgets its tokens from the n-th on (a drafter's rollback; no policy, so slots
+        are positions)."""
+        self.self_keep[row, n:] = False
+        self.fill[row] = self.pos[row] = n
+
     def load_cross(self, start: int, stop: int, kv: list[tuple[Tensor, Tensor]]) -> None:
         """Place one window's cross K/V (each [1, H, F, D]) into rows [start, stop)."""
         n = kv[0][0].shape[2]
