@@ -56,10 +56,13 @@ class BufferPool:
                 self._bytes -= t.nbytes
                 if not free:
                     del self._free[key]
-        if t is None:
-            t = torch.zeros(shape, dtype=dtype, device=device)
-        else:
-            t.zero_()
+        # never an inference tensor (one made under inference_mode): a later owner outside that
+        # mode could not write it
+        with torch.inference_mode(False):
+            if t is None:
+                t = torch.zeros(shape, dtype=dtype, device=device)
+            else:
+                t.zero_()
         weakref.finalize(owner, self._give_back, key, t)
         return t
 

@@ -1,14 +1,16 @@
 """murmur batch on Ray: two-node vs one-node throughput, Ray-one-node vs local wall time, and the
 driver's memory per recording over many short synthetic recordings.
 
-    PYTHONPATH=$PWD python scripts/ray_scaling.py [--set lj|libri|both] [--limit N] [--synthetic 2000]
+    PYTHONPATH=$PWD python scripts/ray_scaling.py [--set lj|libri|both|all] [--repeat N] [--limit N]
+        [--synthetic 2000] [--no-pin]
 
 Sets: `lj` the 32 LJSpeech clips (3.7 min), `libri` the 100 LibriSpeech test-other utterances of
 librispeech_other_noref (12.8 min), `both` (the default, 16.5 min), `all` every recording of the
 shared data (152, 30 min). Nodes are real raylets on this
 machine (ray.cluster_utils.Cluster, loopback only), one CPU each; each actor uses one torch thread, as
 does the local run. Walls include the actors starting and loading the model, as a job would;
-`startup_s` is when the last actor was ready, and `steady` divides the audio by the wall after it.
+`startup_s` is when the last actor was ready (`actors_ready_s`: each, and on which node), and `steady`
+divides the audio by the wall after it (an upper figure: ready actors start before the last one is).
 On a machine shared with other work the figures are noisy: say so when quoting them.
 
 With `--pin` (the default where the machine has two CPUs or more) each node is a 1-CPU node in fact,
@@ -59,7 +61,7 @@ def _cluster(nodes: int, tmp: Path, pin: bool = False):
     return c
 
 
-def _ray_run(nodes: int, items, out: Path, tmp: Path, pin: bool = False, **kw) -> tuple[float, dict, float, float]:
+def _ray_run(nodes: int, items, out: Path, tmp: Path, pin: bool = False, **kw) -> tuple[float, dict, float, list]:
     import psutil
     import ray
 

@@ -33,3 +33,23 @@ def test_pool_reuses_zeroed_buffers_within_its_bound():
 def test_allocator_tuning_is_idempotent():
     first = keep_freed_memory()
     assert keep_freed_memory() == first
+
+
+def test_pool_buffers_made_in_inference_mode_serve_owners_outside_it():
+    import torch
+
+    from murmur.memory import BufferPool
+    pool = BufferPool()
+
+    class Owner:
+        pass
+
+    a = Owner()
+    with torch.inference_mode():
+        t = pool.zeros(a, (4, 8), torch.float32, "cpu")
+    assert not t.is_inference()
+    del a, t
+    b = Owner()
+    u = pool.zeros(b, (4, 8), torch.float32, "cpu")  # the same buffer, handed back and zeroed
+    u.add_(1.0)
+    assert pool.nbytes == 0 and float(u.sum()) == 32.0

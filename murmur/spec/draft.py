@@ -105,7 +105,7 @@ class DraftModel(DraftSource):
         self.drafts = {}
         if self.cache is None:
             return
-        cache, dec, n_ctx = self.cache, self.d.model.decoder, self.d.model.dims.n_text_ctx
+        cache, n_ctx = self.cache, self.d.model.dims.n_text_ctx
         rows, first, body = [], {}, {}
         for a in acts:
             for j, r in enumerate(a.rows):
