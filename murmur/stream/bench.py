@@ -139,7 +139,7 @@ def main(args) -> int:
               f"{100 * off_wer:.2f} % in {offline_s:.1f} s", file=sys.stderr)
         for policy in policies:
             for k in counts:
-                engine = SharedEngine(loaded, batch_size=max(8, k))
+                engine = SharedEngine(loaded, batch_size=max(8, k), recycle=args.recycle)
                 opts = StreamOptions(policy=policy, step_s=args.step, frame_threshold=args.frame_threshold,
                                      agreement=args.agreement, encoder_pad_s=args.encoder_pad)
                 outs = [dict() for _ in range(k)]
@@ -224,6 +224,8 @@ def add_parser(sub) -> None:
                         "30-s window (default: full)")
     p.add_argument("--agreement", type=int, default=2)
     p.add_argument("--frame-threshold", type=int, default=25)
+    p.add_argument("--recycle", action=argparse.BooleanOptionalAction, default=True,
+                   help="verify each update's draft, the stream's previous hypothesis (the same words)")
     p.add_argument("--piece", type=float, default=0.1, help="seconds per piece of audio the client sends")
     p.add_argument("--speed", type=float, default=1.0, help="1 = real time (the measurement); >1 only to try it out; "
                    "0 = as fast as it decodes, for WER alone (no latency)")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from murmur.engine.decoding import DecodingOptions
 from murmur.engine.runner import Engine, Request
+from murmur.spec.speculator import parse_speculative
 
 LIVE = 0
 FILE = 10
@@ -162,8 +163,9 @@ class SharedEngine:
     calling stream's thread while the engine thread batches it with everyone else's."""
 
     def __init__(self, loaded, batch_size: int = 16, options: DecodingOptions | None = None,
-                 reserve_live: int = 2):
+                 reserve_live: int = 2, recycle: bool = True):
         self.loaded = loaded
+        self.recycle = recycle  # verify each update's draft, the stream's previous hypothesis
         self.options = options or DecodingOptions()
         self.batch_size = batch_size
         self.scheduler = PriorityScheduler(reserve_live)
@@ -173,7 +175,8 @@ class SharedEngine:
 
     def _loop(self) -> None:
         while not self.scheduler.finished():
-            engine = Engine(self.loaded, self.options, batch_size=self.batch_size)
+            engine = Engine(self.loaded, self.options, batch_size=self.batch_size,
+                            speculative=parse_speculative("recycle" if self.recycle else None))
             self.scheduler.busy = lambda: any(o is not None for o in engine.owner_of)
             try:
                 engine.run(self.scheduler)

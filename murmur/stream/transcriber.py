@@ -36,6 +36,7 @@ from murmur.audio.decode import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, lo
 from murmur.engine.decoding import DecodingOptions, compression_ratio
 from murmur.engine.runner import Engine, Request
 from murmur.errors import MurmurError
+from murmur.spec.speculator import parse_speculative
 from murmur.stream.vad import StreamingVad
 from murmur.speakers.timing import cross_attention, merge_punctuations, split_words, timings_from_path, token_frames
 from murmur.types import Word
@@ -146,8 +147,10 @@ class _Once:
 class LocalDecoder:
     """A private one-row engine: one stream, decoded in the caller's thread."""
 
-    def __init__(self, loaded):
-        self.engine = Engine(loaded, DecodingOptions(), batch_size=1)
+    def __init__(self, loaded, recycle: bool = True):
+        # recycle: each update verifies the previous hypothesis as its draft (the same tokens)
+        self.engine = Engine(loaded, DecodingOptions(), batch_size=1,
+                             speculative=parse_speculative("recycle" if recycle else None))
 
     def decode(self, req: Request) -> Request:
         self.engine.run(_Once(req))
@@ -354,10 +357,10 @@ class StreamingTranscriber:
         def looping(tokens: list[int]) -> bool:
             return self._ratio(tokens) > o.compression_ratio_threshold
 
-        # tag["draft"]: the last update's tokens on the same buffer start, for a speculative decoder
-        # that verifies a draft and decodes only past where it diverges (issue 15's recycle source)
+        # the last update's tokens on the same buffer start draft this one: the engine verifies them
+        # in a few forwards and decodes one by one only past where they diverge (murmur.spec.recycle)
         return Request(mel=mel, prompt=prompt, temperature=0.0, sample_len=sample_len, owner=self,
-                       tag={"draft": list(self.last_tokens)}, stop_check=looping, key=(self.id, self.updates))
+                       draft=list(self.last_tokens) or None, stop_check=looping, key=(self.id, self.updates))
 
     def _ratio(self, tokens: list[int]) -> float:
         return compression_ratio(self.tok.decode([t for t in tokens if t < self.tok.eot]))
