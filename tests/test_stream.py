@@ -53,6 +53,18 @@ def test_piece_size_does_not_change_commits_and_committed_text_is_final(tiny, jf
     assert all(b.start >= a.end - 1e-6 for a, b in zip(small, small[1:]))
 
 
+def test_a_feed_behind_real_time_runs_only_its_latest_update(tiny, jfk):
+    """Audio that piled up while the stream's last update decoded (a loaded engine) is decoded once,
+    at its newest position: every skipped update would only have put the stream further behind."""
+    from murmur.stream.transcriber import StreamingTranscriber, StreamOptions
+    late = StreamingTranscriber(tiny, StreamOptions(vad=False))
+    late.feed(jfk[:4 * SR])  # eight update positions in one feed
+    assert late.stats["updates"] == 1
+    every = StreamingTranscriber(tiny, StreamOptions(vad=False, max_backlog_s=10.0))
+    every.feed(jfk[:4 * SR])
+    assert every.stats["updates"] == 8
+
+
 def test_every_word_once_across_trims(tiny, data_dir):
     """Three LJSpeech sentences back to back, no turn detection: the buffer is cut at committed
     sentence ends, and the committed words match the offline transcript (none lost or doubled)."""

@@ -57,7 +57,7 @@ class StreamOptions:
     agreement: int = 2  # n of LocalAgreement-n
     frame_threshold: int = 25  # align-att: encoder frames (20 ms) before the end of audio heard
     step_s: float = 0.5  # an update every step_s of audio while a turn is open
-    max_backlog_s: float = 1.0  # a feed that brings more than this runs only its latest update
+    max_backlog_s: float = 0.0  # a feed that brings updates further apart than this runs only its latest
     trim_s: float = 5.0  # past this the buffer is cut at its last committed sentence end
     max_buffer_s: float = 15.0  # past this at its last committed word
     # seconds: the encoder sees the buffer and this much silence (rounded up to 2 s), not the whole
