@@ -58,8 +58,8 @@ class StreamOptions:
     frame_threshold: int = 25  # align-att: encoder frames (20 ms) before the end of audio heard
     step_s: float = 0.5  # an update every step_s of audio while a turn is open
     max_backlog_s: float = 0.0  # a feed that brings updates further apart than this runs only its latest
-    trim_s: float = 5.0  # past this the buffer is cut at its last committed sentence end
-    max_buffer_s: float = 15.0  # past this at its last committed word
+    trim_s: float = 10.0  # past this the buffer is cut at its last committed sentence end
+    max_buffer_s: float = 20.0  # past this at its last committed word
     # seconds: the encoder sees the buffer and this much silence (rounded up to 2 s), not the whole
     # 30-s window; a 5-s buffer then encodes in a third of the time, but the words shift more
     # (docs/benchmarks.md, live transcription). None: the whole window, as Whisper was trained
