@@ -327,9 +327,9 @@ def test_paused_rows_keep_their_cache_through_a_focus_step():
         _load(cache, r, FR)
     _forward(cache, 0, 3, 5)
     before = (cache.fill.copy(), cache.self_keep.clone(), cache.k[:, :, :, :5].clone())
-    cache.paused = np.array([False, True, False])
-    step = _forward(cache, 0, 3, 1, active=np.array([True, False, True]))
-    cache.paused = None
+    with cache.pausing(np.array([False, True, False])):
+        step = _forward(cache, 0, 3, 1, active=np.array([True, False, True]))
+    assert cache.paused is None
     assert step.slots[1, 0] == 5  # the paused row computed into its next slot...
     assert cache.fill.tolist() == [6, 5, 6]
     assert torch.equal(cache.self_keep[1], before[1][1])  # ...and kept nothing

@@ -165,7 +165,7 @@ class Engine:
             return self._spec_step(hi)
         self.stats["target_forwards"] += 1
         t0 = time.perf_counter()
-        lo = 0
+        lo, paused = 0, None
         if focus is None:
             active = np.array([o is not None for o in self.owner_of[:hi]])
         else:
@@ -175,12 +175,9 @@ class Engine:
             active = np.array([o is not None and id(o) in hot for o in self.owner_of[lo:hi]])
             paused = np.zeros(self.batch_size, dtype=bool)
             paused[lo:hi] = [o is not None and id(o) not in hot for o in self.owner_of[lo:hi]]
-            self.cache.paused = paused
             self.stats["focus_steps"] += 1
-        try:
+        with self.cache.pausing(paused):
             logits = self.model.decoder(self.last_token[lo:hi, None], self.cache, lo, active=active)[:, -1]
-        finally:
-            self.cache.paused = None
         self.stats["forward_s"] += time.perf_counter() - t0
         if focus is not None:
             sel = np.flatnonzero(active)
@@ -188,8 +185,7 @@ class Engine:
         else:
             if not active.all():
                 logits[torch.from_numpy(~active)] = 0.0  # free slots: keep NaNs out of sampling
-            acts = list({id(o): o for o in self.owner_of[:hi] if o is not None}.values())
-            self._select(logits, list(range(hi)), acts)
+            self._select(logits, list(range(hi)), self._acts(hi))
         self.stats["steps"] += 1
         self.stats["row_steps"] += int(active.sum())
         self.stats["slot_steps"] += hi - lo
@@ -204,13 +200,17 @@ class Engine:
         if self._focused >= FOCUS_RUN or (pred := urgent()) is None:
             self._focused = 0
             return None
-        acts = list({id(o): o for o in self.owner_of if o is not None}.values())
+        acts = self._acts()
         hot = [a for a in acts if pred(a.req)]
         if not hot or len(hot) == len(acts):
             self._focused = 0
             return None
         self._focused += 1
         return hot
+
+    def _acts(self, hi: int | None = None) -> list[_Active]:
+        """The requests holding rows of [0, hi), each once."""
+        return list({id(o): o for o in self.owner_of[:hi] if o is not None}.values())
 
     def _select(self, logits: Tensor, rows: list[int], acts: list[_Active]) -> None:
         """Filter `logits` [len(rows), V] of cache `rows`, pick each row's next token and record it."""
@@ -251,7 +251,7 @@ class Engine:
     def _spec_step(self, hi: int) -> None:
         t0 = time.perf_counter()
         active = np.array([o is not None for o in self.owner_of[:hi]])
-        acts = list({id(o): o for o in self.owner_of[:hi] if o is not None}.values())
+        acts = self._acts(hi)
         drafts = {}
         self.spec.prepare(self, acts)
         for a in acts:

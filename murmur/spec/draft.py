@@ -58,7 +58,7 @@ class DraftModel(DraftSource):
 
     def __init__(self, drafter, target):
         """`drafter`, `target`: LoadedModels (murmur.models.common)."""
-        self.d, self.t = drafter, target
+        self.d = drafter
         self.dtok, self.ttok = drafter.tokenizer, target.tokenizer
         self.same_vocab = (self.dtok.multilingual == self.ttok.multilingual
                            and self.dtok.n_vocab == self.ttok.n_vocab)
@@ -154,11 +154,8 @@ class DraftModel(DraftSource):
         x = torch.zeros(hi - lo, len(tokens[0]), dtype=torch.long, device=cache.device)
         for r, t in zip(rows, tokens):
             x[r - lo] = torch.tensor(t, device=cache.device)
-        cache.paused = paused
-        try:
+        with cache.pausing(paused):
             logits = self.d.model.decoder(x, cache, lo, active=active, logits_at=[x.shape[1] - 1])[:, -1]
-        finally:
-            cache.paused = None
         logits.masked_fill_(self.banned, float("-inf"))
         best = logits.argmax(dim=-1).tolist()
         for r in rows:

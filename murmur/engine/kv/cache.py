@@ -10,6 +10,7 @@ bits or compact slots; the model code never changes for them.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +82,15 @@ class KVCache:
         self.self_keep[start:stop] = False
         if self.policy is not None:
             self.policy.reset(self, start, stop)
+
+    @contextmanager
+    def pausing(self, paused: np.ndarray | None):
+        """Forwards inside see `paused` (None: no row paused)."""
+        self.paused = paused
+        try:
+            yield
+        finally:
+            self.paused = None
 
     def truncate(self, row: int, n: int) -> None:
         """Row `row` forgets its tokens from the n-th on (a drafter's rollback; no policy, so slots
