@@ -72,22 +72,46 @@ def _ray_run(nodes: int, items, out: Path, tmp: Path, pin: bool = False, **kw) -
     ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
     try:
         rss0 = psutil.Process().memory_info().rss
-        t0 = time.perf_counter()
-        ready = []
+        cpu0 = psutil.cpu_times(percpu=True)
+        t0, e0 = time.perf_counter(), time.time()
+        ready, last, engines = [], {}, {}
         head = ray.get_runtime_context().get_node_id()
 
         def on_event(ev, info):
-            if ev == "actor_ready":
-                ready.append((round(time.perf_counter() - t0, 2), "head" if info["node"] == head else "worker"))
+            if ev == "actor_ready":  # when ready, on which node, when its process began and had the model
+                ready.append((round(time.perf_counter() - t0, 2), "head" if info["node"] == head else "worker",
+                              round(info["started"] - e0, 2), round(info["loaded"] - e0, 2)))
+            elif ev == "actor_stats":
+                side = "head" if info["node"] == head else "worker"
+                engines[side] = {k: round(info[k], 1) for k in ("steps", "row_steps", "encode_s", "decode_s")
+                                 if k in info}
+                if info.get("steps"):
+                    engines[side]["rows_a_step"] = round(info["row_steps"] / info["steps"], 2)
+            elif ev == "group_done" and "node" in info:  # when each node's actor finished its last group
+                last["head" if info["node"] == head else "worker"] = round(time.perf_counter() - t0, 2)
 
         counts = run_ray(items, OutputDir(out, ["txt"]), "tiny.en", TranscribeOptions(), progress=False,
                          on_event=on_event, **kw)
         wall = time.perf_counter() - t0
+        idle = [round(b.idle - a.idle, 1) for a, b in zip(cpu0, psutil.cpu_times(percpu=True))]
+        cpu = _cpu_by_process()
         rss = psutil.Process().memory_info().rss - rss0
     finally:
         ray.shutdown()
         c.shutdown()
-    return wall, counts, rss, ready
+    return wall, counts, rss, ready, last, idle, cpu, engines
+
+
+def _cpu_by_process() -> dict:
+    """CPU seconds (user + system) of Ray's processes, by name (ray::Transcriber, raylet...)."""
+    import psutil
+    out: dict = {}
+    for p in psutil.process_iter(["name", "cpu_times"]):
+        t = p.info["cpu_times"]
+        ray_own = p.info["name"].startswith("ray::") or p.info["name"] in ("raylet", "gcs_server")
+        if ray_own and t is not None and t.user + t.system > 0.1:
+            out[p.info["name"]] = round(out.get(p.info["name"], 0) + t.user + t.system, 1)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def _synthetic(folder: Path, n: int, seed: int = 0) -> list[str]:
@@ -111,6 +135,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="the set this many times over (ids suffixed ~2, ~3, ...): a batch long enough that the "
                          "actors' start-up (a fixed 4-6 s here) weighs as little as in a real archive")
+    ap.add_argument("--nodes", default="1,2", help="cluster sizes to run, in this order; 1,2,2,1 cancels a "
+                    "host whose speed drifts (the ratios use each size's mean wall)")
+    ap.add_argument("--local", action=argparse.BooleanOptionalAction, default=True, help="the local run too")
     ap.add_argument("--synthetic", type=int, default=2000, help="synthetic recordings for driver memory (0: skip)")
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=len(os.sched_getaffinity(0)) >= 2,
                     help="node i on CPU i alone, the local run on CPU 0 (default: where there are 2 CPUs)")
@@ -135,32 +162,46 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         _pin(0 if args.pin else None)
-        t0 = time.perf_counter()
-        run_local(items, OutputDir(d / "local", ["txt"]), "tiny.en", TranscribeOptions(), progress=False)
-        res["local_wall_s"] = round(time.perf_counter() - t0, 2)
+        if args.local:
+            t0 = time.perf_counter()
+            run_local(items, OutputDir(d / "local", ["txt"]), "tiny.en", TranscribeOptions(), progress=False)
+            res["local_wall_s"] = round(time.perf_counter() - t0, 2)
         res["pinned"] = args.pin
-        audio_s = sum(json.loads(x)["duration"] for x in (d / "local" / "summary.jsonl").read_text().splitlines())
         from murmur.cpu import cpu_info
         info = cpu_info()
         res["cpu"], res["family"] = info.model, info.family
-        res["recordings"], res["audio_s"], res["set"] = len(items), round(audio_s, 1), f"{args.set} x{args.repeat}"
-        for nodes in (1, 2):
-            wall, counts, _, ready = _ray_run(nodes, items, d / f"ray{nodes}", d / f"t{nodes}", pin=args.pin)
+        res["recordings"], res["set"] = len(items), f"{args.set} x{args.repeat}"
+        for run, nodes in enumerate(int(x) for x in args.nodes.split(",")):
+            wall, counts, _, ready, last, idle, cpu, engines = _ray_run(nodes, items, d / f"ray{run}",
+                                                                        d / f"t{run}", pin=args.pin)
             assert counts["ok"] == len(items), counts
+            res.setdefault("runs", []).append([nodes, round(wall, 2)])
             res[f"ray_{nodes}node_wall_s"] = round(wall, 2)
-            res[f"ray_{nodes}node_startup_s"] = max((t for t, _ in ready), default=0.0)
+            summary = (d / f"ray{run}" / "summary.jsonl").read_text().splitlines()
+            audio_s = sum(json.loads(x)["duration"] for x in summary)
+            res[f"ray_{nodes}node_startup_s"] = max((r[0] for r in ready), default=0.0)
             res[f"ray_{nodes}node_actors_ready_s"] = ready
-        res["throughput_2node_over_1node"] = round(res["ray_1node_wall_s"] / res["ray_2node_wall_s"], 2)
-        res["steady_2node_over_1node"] = round((res["ray_1node_wall_s"] - res["ray_1node_startup_s"])
-                                               / (res["ray_2node_wall_s"] - res["ray_2node_startup_s"]), 2)
-        res["ray_1node_over_local_wall"] = round(res["ray_1node_wall_s"] / res["local_wall_s"], 2)
+            res[f"ray_{nodes}node_last_group_s"] = last
+            res[f"ray_{nodes}node_idle_cpu_s"] = idle  # per CPU: what the job left unused
+            res[f"ray_{nodes}node_cpu_s"] = cpu  # by process name, cluster start included
+            res[f"ray_{nodes}node_engines"] = engines
+        res["audio_s"] = round(audio_s, 1)
+        if {"ray_1node_wall_s", "ray_2node_wall_s"} <= res.keys():
+            for n in (1, 2):  # the mean wall of each size when it ran more than once
+                walls = [w for k, w in res["runs"] if k == n]
+                res[f"ray_{n}node_wall_s"] = round(sum(walls) / len(walls), 2)
+            res["throughput_2node_over_1node"] = round(res["ray_1node_wall_s"] / res["ray_2node_wall_s"], 2)
+            res["steady_2node_over_1node"] = round((res["ray_1node_wall_s"] - res["ray_1node_startup_s"])
+                                                   / (res["ray_2node_wall_s"] - res["ray_2node_startup_s"]), 2)
+        if args.local and "ray_1node_wall_s" in res:
+            res["ray_1node_over_local_wall"] = round(res["ray_1node_wall_s"] / res["local_wall_s"], 2)
         print(json.dumps(res), flush=True)
         os.sched_setaffinity(0, every)
         if args.synthetic:
             mem = {}
             for n in (args.synthetic // 10, args.synthetic):
                 syn = expand(_synthetic(d / f"syn{n}", n))
-                wall, counts, rss, _ = _ray_run(1, syn, d / f"synout{n}", d / f"ts{n}")
+                wall, counts, rss, *_ = _ray_run(1, syn, d / f"synout{n}", d / f"ts{n}")
                 mem[n] = rss
                 print(json.dumps({"recordings": n, "wall_s": round(wall, 1), **counts,
                                   "driver_rss_growth_mb": round(rss / 2**20, 1)}), flush=True)

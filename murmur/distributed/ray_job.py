@@ -18,8 +18,10 @@ batches the data layer cuts. With Core, the driver is a small loop over object r
 - finish: stitch (and diarize once, over the whole recording, on a planner when asked), then the driver
   writes DIR/<id>.<ext> atomically and appends the summary line.
 
-Backpressure: at most `max_recordings` recordings are planned or in flight, and each actor holds at
-most enough groups to fill its rows twice over, so audio is decoded only as fast as actors consume it.
+Backpressure: each actor holds at most enough chunks to fill its rows twice over (counted in chunks,
+not groups: a short clip is a group of one chunk), recordings are planned only while fewer chunks than
+the actors have rows wait for one, and at most `max_recordings` are planned or in flight, so audio is
+decoded only as fast as actors consume it.
 
 Retries, set deliberately: a planner that dies is restarted by Ray, on another node when its own is
 gone (soft node affinity), and its plan and diarize calls are retried there (PLAN_RETRIES; their lost
@@ -108,6 +110,7 @@ class Transcriber:
     """A transcription actor: the model loaded once, torch threads = the CPUs Ray gave it."""
 
     def __init__(self, model: str, device: str | None, compute_type: str, threads: int):
+        self.started = time.time()
         import torch
 
         from murmur.models.loading import get_model
@@ -116,9 +119,22 @@ class Transcriber:
         self.loaded = get_model(model, device, compute_type)
         self.lines: dict[tuple, _Line] = {}
         self.lock = threading.Lock()
+        self.loaded_at = time.time()
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+        """Where it runs, and when (epoch s) its process began to load and had the model."""
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "started": self.started,
+                "loaded": self.loaded_at}
+
+    def engine_stats(self) -> dict:
+        """Its engines' counters summed (steps, row_steps, encode_s, ...), with its node."""
+        out: dict = {}
+        with self.lock:
+            for line in self.lines.values():
+                for k, v in line.engine.stats.items():
+                    if isinstance(v, (int, float)):
+                        out[k] = out.get(k, 0) + v
+        return {**self.ready(), **out}
 
     def transcribe(self, data: dict, gi: int, o):
         import numpy as np
@@ -182,10 +198,10 @@ class _Rec:
 
 
 class _Actor:
-    __slots__ = ("handle", "inflight", "ready", "probe", "info")
+    __slots__ = ("handle", "chunks", "ready", "probe", "info")
 
     def __init__(self, handle):
-        self.handle, self.inflight, self.ready, self.probe, self.info = handle, 0, False, None, None
+        self.handle, self.chunks, self.ready, self.probe, self.info = handle, 0, False, None, None
 
 
 def _system_error(e: BaseException) -> bool:
@@ -203,7 +219,8 @@ def run_ray(items, out: OutputDir, model: str, options, address: str | None = No
             max_recordings: int | None = None, on_event=None) -> dict:
     """Run the job on the Ray cluster at `address` (None: $RAY_ADDRESS, else a local Ray instance):
     `model` by name (each actor loads it), `options` a TranscribeOptions, items' manifest options over it.
-    `on_event(name, info)` is called on actor ready/failed and group done (tests use it)."""
+    `on_event(name, info)` is called on actor ready/failed, group done and, at the end, each live actor's
+    engine counters ("actor_stats"; tests and scripts/ray_scaling.py use it)."""
     started = False
     if not ray.is_initialized():
         kw = {} if (address or os.environ.get("RAY_ADDRESS")) else {"include_dashboard": False}
@@ -220,6 +237,7 @@ def run_ray(items, out: OutputDir, model: str, options, address: str | None = No
 class _Driver:
     def __init__(self, items, out, model, options, actors, actor_cpus, chunks_per_task, max_recordings, progress, on_event):
         self.items, self.out, self.on_event = items, out, on_event or (lambda *a: None)
+        self.want_stats = on_event is not None  # the actors' engine counters at the end, as "actor_stats"
         self.options = options.with_(progress=False)
         self.model = (str(model), options.device, options.compute_type)
         cpus = ray.cluster_resources().get("CPU", 1)
@@ -227,16 +245,20 @@ class _Driver:
         self.actor_cpus = actor_cpus
         self.threads = max(1, round(actor_cpus))
         self.chunks_per_task = max(1, chunks_per_task)
-        batch = options.batch_size
-        self.cap = max(1, math.ceil(2 * batch / self.chunks_per_task))  # groups per actor: rows full twice over
+        self.rows = options.batch_size  # an actor's engine rows
+        self.cap = 2 * self.rows  # chunks an actor holds: its rows full twice over
         self.max_recordings = max_recordings or 2 * self.n_actors * self.cap
         self.progress = progress
         self.replacements = 0
 
+    def _size(self, rec: _Rec, gi: int) -> int:
+        """Chunks in group gi of a planned recording (groups of chunks_per_task, the last one shorter)."""
+        return min(self.chunks_per_task, rec.meta["chunks"] - gi * self.chunks_per_task)
+
     def _new_actor(self) -> _Actor:
         cls = _remote(Transcriber).options(
             num_cpus=self.actor_cpus, max_restarts=ACTOR_RESTARTS, max_task_retries=0,
-            max_concurrency=self.cap + 4)  # threads: one per group it holds, plus ready() probes
+            max_concurrency=self.cap + 4)  # threads: one per group it holds (a chunk or more), plus probes
         a = _Actor(cls.remote(*self.model, self.threads))
         a.probe = a.handle.ready.remote()
         return a
@@ -277,7 +299,8 @@ class _Driver:
             if rec.results is not None:
                 rec.results = None
                 for k in [k for k, v in calls.items() if v[0] is rec]:
-                    calls.pop(k)[2].inflight -= 1  # its other groups' answers are moot now
+                    _, gi, a, _ = calls.pop(k)  # its other groups' answers are moot now
+                    a.chunks -= self._size(rec, gi)
             for i, g in reversed(list(enumerate(groups))):
                 if g[0] is rec:
                     del groups[i]
@@ -311,7 +334,9 @@ class _Driver:
 
         while queue or active:
             # planners reserve no CPU (the actors hold the CPUs), so the plans in flight are bounded here
-            while queue and active < self.max_recordings and len(plans) < self.n_actors + 1:
+            waiting_chunks = sum(self._size(g[0], g[1]) for g in groups)
+            while (queue and active < self.max_recordings and len(plans) < self.n_actors + 1
+                   and waiting_chunks < self.n_actors * self.rows):
                 it = queue.popleft()
                 rec = it if isinstance(it, _Rec) else _Rec(it, item_options(self.options, it.options))
                 turn += 1
@@ -325,21 +350,21 @@ class _Driver:
             cap = self.cap
             if len(live) < len(pool) and time.monotonic() < warmup:
                 # while others still load the model, a ready actor takes only its share of the
-                # groups there are: it starts at once, and a long recording still spreads over all
-                cap = min(cap, math.ceil((len(groups) + sum(a.inflight for a in live)) / len(pool)))
+                # chunks there are: it starts at once, and a long recording still spreads over all
+                cap = min(cap, math.ceil((waiting_chunks + sum(a.chunks for a in live)) / len(pool)))
             if live:
                 last_live = time.monotonic()
             elif time.monotonic() - last_live > STALL_S:
                 raise MurmurError(f"no transcription actor alive for {STALL_S:.0f} s; rerun to finish the job")
             while groups:
-                room = [a for a in live if a.inflight < cap]
+                room = [a for a in live if a.chunks < cap]
                 if not room:
                     break
-                a = min(room, key=lambda a: a.inflight)
+                a = min(room, key=lambda a: a.chunks)
                 rec, gi, attempt = groups.popleft()
                 ref = a.handle.transcribe.remote(rec.data, gi, rec.o)
                 calls[ref] = (rec, gi, a, attempt)
-                a.inflight += 1
+                a.chunks += self._size(rec, gi)
             while diarize_queue and len(finishing) < self.n_actors:
                 rec, per_chunk = diarize_queue.popleft()
                 turn += 1
@@ -394,7 +419,7 @@ class _Driver:
                     groups.extend((rec, gi, 0) for gi in range(meta["groups"]))
                 elif ref in calls:
                     rec, gi, a, attempt = calls.pop(ref)
-                    a.inflight -= 1
+                    a.chunks -= self._size(rec, gi)
                     try:
                         segs, stats, rec.name, rec.lang = ray.get(ref)
                     except RayError as e:
@@ -428,3 +453,10 @@ class _Driver:
                         fail(rec, f"diarization failed: {_cause(e)}")
                         continue
                     write(rec, segments, turns)
+        if self.want_stats:
+            for a in pool:
+                if a.ready:
+                    try:
+                        self.on_event("actor_stats", ray.get(a.handle.engine_stats.remote(), timeout=10))
+                    except RayError:
+                        pass
