@@ -102,3 +102,39 @@ def test_batch_cli_help_and_bad_format(capsys):
     assert "--ray" in capsys.readouterr().out
     assert main(["batch", "x.wav", "--out", "/tmp/never", "-f", "txt,docx"]) == 1
     assert "unknown output format docx" in capsys.readouterr().err
+
+
+def test_local_batch_decodes_recordings_together_as_transcribe_does(tmp_path, data_dir, tiny, monkeypatch):
+    """Many recordings share the engine's rows; each output is still `murmur transcribe`'s (a timestamp
+    may move 40 ms when other windows join the rows mid-decode, see tests/test_batch_ray.py), and a
+    manifest item's diarization runs over its whole recording."""
+    from murmur.distributed import workers
+    from murmur.options import TranscribeOptions
+    from murmur.output import writers
+    from murmur.transcribe import transcribe
+    clips = sorted((data_dir / "ljspeech").glob("LJ001-*.flac"))[:8]
+    ami = data_dir / "ami" / "dev00.flac"
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"audio": str(ami), "diarize": True}) + "\n")
+    rows = []
+    close = workers.Transcriber.close
+
+    def seen(self):  # the engine's mean busy rows a step, read before it stops
+        st = self.engine_stats()
+        rows.append(st["row_steps"] / max(st["steps"], 1))
+        close(self)
+
+    monkeypatch.setattr(workers.Transcriber, "close", seen)
+    out = tmp_path / "out"
+    counts = run_local(expand([str(c) for c in clips] + [str(m)]), OutputDir(out, ["json", "rttm"]), tiny,
+                       TranscribeOptions(), progress=False)
+    assert counts == {"ok": 9, "error": 0, "skipped": 0}
+    assert rows and rows[0] > 2  # the clips' windows decoded side by side, not one after another
+    for c in clips:
+        want = json.loads(writers.render(transcribe(c, model=tiny), "json"))["segments"]
+        got = json.loads((out / f"{c.stem}.json").read_text())["segments"]
+        assert [s["text"] for s in got] == [s["text"] for s in want], c.stem
+        assert all(abs(a[k] - b[k]) <= 0.1 for a, b in zip(got, want) for k in ("start", "end"))
+    here = transcribe(ami, model=tiny, diarize=True)
+    assert (out / "dev00.rttm").read_text() == writers.render(here, "rttm")
+    assert json.loads((out / "dev00.json").read_text())["text"] == here.text

@@ -149,30 +149,90 @@ def plan_job(items: list[Item], out: OutputDir) -> tuple[list[Item], list[Item],
 
 
 def run_local(items: list[Item], out: OutputDir, model, options, progress: bool = True) -> dict:
-    """One recording after another through murmur.transcribe, in this process. `model` is a name or
+    """The job in this process, with the Ray runner's continuous batching: one thread plans the next
+    recordings (decode, VAD, chunks) while one engine decodes the chunks of many recordings in its
+    rows, so a folder of short clips fills the rows as one long recording does. `model` is a name or
     a LoadedModel; `options` a TranscribeOptions, each item's manifest options over it."""
-    from murmur.distributed.inputs import item_options
     from murmur.models.loading import get_model
-    from murmur.transcribe import transcribe
+    from murmur.transcribe import set_threads
     todo, skip, bad = plan_job(items, out)
     counts = {"ok": 0, "error": 0, "skipped": len(skip)}
     bar = Progress(len(todo) + len(bad), progress)
     try:
         start_job(out, bar, counts, skip, bad)
-        loaded = get_model(model, options.device, options.compute_type)
-        for it in todo:
-            t0 = time.perf_counter()
-            try:
-                t = transcribe(it.audio, loaded, item_options(options, it.options))
-                out.write_outputs(it, t)
-                line = summary_line(it, "ok", out.formats, t, time.perf_counter() - t0)
-            except (MurmurError, OSError, ValueError) as e:  # the recording's own fault: report, go on
-                line = summary_line(it, "error", out.formats, error=_message(e))
-            _report(out, bar, counts, line)
+        if todo:
+            set_threads(options.threads)
+            _LocalRun(get_model(model, options.device, options.compute_type), out, options, bar, counts).run(todo)
     finally:
         bar.close()
         out.compact(items)
     return counts
+
+
+class _LocalRun:
+    """Recordings in flight hold at most twice the engine's rows in chunks (one always goes, however
+    long), and the next is planned only below that, so audio is decoded as fast as chunks are."""
+
+    def __init__(self, loaded, out: OutputDir, options, bar: "Progress", counts: dict):
+        from murmur.distributed.workers import Transcriber
+        self.out, self.options, self.bar, self.counts = out, options.with_(progress=False), bar, counts
+        self.worker = Transcriber(loaded)
+        self.budget = 2 * options.batch_size
+
+    def run(self, todo: list[Item]) -> None:
+        from collections import deque
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        from murmur.distributed.inputs import item_options
+        from murmur.distributed.workers import plan_recording
+        queue, decoding, held = deque(todo), {}, 0
+        planning = None  # (future, item, options, start)
+        try:
+            with ThreadPoolExecutor(1, "murmur-plan") as planner, \
+                    ThreadPoolExecutor(self.budget + 1, "murmur-batch") as pool:
+                while queue or planning or decoding:
+                    if planning is None and queue and held < self.budget:
+                        it = queue.popleft()
+                        o = item_options(self.options, it.options)
+                        planning = (planner.submit(plan_recording, it.audio, o, 1 << 30, o.diarize), it, o,
+                                    time.perf_counter())
+                    done, _ = wait([f for f in [planning and planning[0], *decoding] if f],
+                                   return_when=FIRST_COMPLETED)
+                    if planning and planning[0] in done:
+                        f, it, o, t0 = planning
+                        planning = None
+                        try:
+                            meta, data, regions = f.result()
+                        except (MurmurError, OSError, ValueError) as e:
+                            meta = {"error": _message(e)}
+                        if meta.get("error"):
+                            _report(self.out, self.bar, self.counts,
+                                    summary_line(it, "error", self.out.formats, error=meta["error"]))
+                        else:
+                            held += meta["chunks"]
+                            decoding[pool.submit(self._decode, it, o, meta, data, regions, t0)] = meta["chunks"]
+                    for f in [f for f in done if f in decoding]:
+                        held -= decoding.pop(f)
+                        _report(self.out, self.bar, self.counts, f.result())
+        finally:
+            self.worker.close()
+
+    def _decode(self, it: Item, o, meta: dict, data: dict, regions, t0: float) -> dict:
+        """Its chunks through the shared engine, then stitch (and diarize), write: its summary line."""
+        from murmur.distributed.workers import transcript_of
+        from murmur.transcribe import finish
+        try:
+            per_chunk, stats, lang = [], {}, None
+            if meta["groups"]:
+                per_chunk, stats, _, lang = self.worker.transcribe(data, 0, o)
+            segments, turns, _, _ = finish(per_chunk, data.pop("audio", None), None,
+                                           o if meta["chunks"] else o.with_(diarize=False), regions=regions)
+            wall = time.perf_counter() - t0
+            t = transcript_of(meta, segments, turns, stats, self.worker.loaded.name, lang, o, wall, "local")
+            self.out.write_outputs(it, t)
+            return summary_line(it, "ok", self.out.formats, t, wall)
+        except (MurmurError, OSError, ValueError) as e:  # the recording's own fault: report, go on
+            return summary_line(it, "error", self.out.formats, error=_message(e))
 
 
 def start_job(out: OutputDir, bar: "Progress", counts: dict, skip: list[Item], bad: list[Item]) -> None:

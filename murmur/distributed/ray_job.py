@@ -34,15 +34,16 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 import time
 from collections import deque
 
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
+from murmur.distributed import workers
 from murmur.distributed.inputs import item_options
 from murmur.distributed.job import OutputDir, Progress, _message, _report, plan_job, start_job, summary_line
+from murmur.distributed.workers import plan_recording, transcript_of
 from murmur.errors import MurmurError
 
 PLAN_RETRIES = 3
@@ -65,19 +66,7 @@ class Planner:
 
     @ray.method(num_returns=3)
     def plan(self, audio: str, o, chunks_per_task: int):
-        """Decode + VAD + chunk one recording. A bad file is a result (meta["error"]), not a retry."""
-        from murmur.audio.decode import N_SAMPLES, SAMPLE_RATE, load_audio
-        from murmur.transcribe import _speech_regions, plan_chunks
-        try:
-            samples = load_audio(audio)
-            plans, vad_s = plan_chunks(samples, o.chunk_size, o.vad_options)
-        except MurmurError as e:
-            return {"error": str(e)}, None, None
-        groups = [plans[i:i + chunks_per_task] for i in range(0, len(plans), chunks_per_task)]
-        meta = {"duration": len(samples) / SAMPLE_RATE, "groups": len(groups), "chunks": len(plans),
-                "vad_s": round(vad_s, 3)}
-        regions = None if o.chunk_size is None else _speech_regions(plans)
-        return meta, {"head": samples[:N_SAMPLES].copy(), "groups": groups}, regions
+        return plan_recording(audio, o, chunks_per_task)
 
     def diarize(self, audio: str, per_chunk: list, regions, o):
         """Stitch and diarize over the whole recording (speaker labels stay global), as locally."""
@@ -87,39 +76,8 @@ class Planner:
         return segments, turns
 
 
-class _Line:
-    """One engine for one set of decoding options, run by its own thread."""
-
-    def __init__(self, loaded, opts, o):
-        from murmur.distributed.feed import FeedScheduler
-        from murmur.engine.runner import Engine
-        from murmur.transcribe import engine_plugins
-        self.engine = Engine(loaded, opts, batch_size=o.batch_size, seed=o.seed, **engine_plugins(loaded, o))
-        self.scheduler = FeedScheduler(o.queue_limit or 2 * self.engine.batch_size)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.engine.run(self.scheduler)
-        except BaseException as e:  # noqa: BLE001 - handed to every waiting caller
-            self.scheduler.stop(e)
-
-
-class Transcriber:
+class Transcriber(workers.Transcriber):
     """A transcription actor: the model loaded once, torch threads = the CPUs Ray gave it."""
-
-    def __init__(self, model: str, device: str | None, compute_type: str, threads: int):
-        self.started = time.time()
-        import torch
-
-        from murmur.models.loading import get_model
-        os.environ["MURMUR_THREADS"] = str(threads)
-        torch.set_num_threads(threads)
-        self.loaded = get_model(model, device, compute_type)
-        self.lines: dict[tuple, _Line] = {}
-        self.lock = threading.Lock()
-        self.loaded_at = time.time()
 
     def ready(self) -> dict:
         """Where it runs, and when (epoch s) its process began to load and had the model."""
@@ -127,36 +85,7 @@ class Transcriber:
                 "loaded": self.loaded_at}
 
     def engine_stats(self) -> dict:
-        """Its engines' counters summed (steps, row_steps, encode_s, ...), with its node."""
-        out: dict = {}
-        with self.lock:
-            for line in self.lines.values():
-                for k, v in line.engine.stats.items():
-                    if isinstance(v, (int, float)):
-                        out[k] = out.get(k, 0) + v
-        return {**self.ready(), **out}
-
-    def transcribe(self, data: dict, gi: int, o):
-        import numpy as np
-
-        from murmur.transcribe import ChunkPlan, chunk_streams, decoding_options, plugins_key
-        opts, tok, lang = decoding_options(self.loaded, data["head"], o)
-        # one engine per set of rules: recordings with the same options share its rows
-        key = (opts, lang, o.batch_size, plugins_key(o), o.seed, o.queue_limit)
-        with self.lock:
-            line = self.lines.get(key)
-            if line is None or line.scheduler.stopped:
-                line = self.lines[key] = _Line(self.loaded, opts, o)
-        # writable copies of the object store's read-only arrays, held only while the group decodes
-        plans = [ChunkPlan([np.array(p) for p in c.pieces], c.time_map) for c in data["groups"][gi]]
-        streams = chunk_streams(self.loaded, plans, opts, tok, lang, o.word_timestamps or o.diarize)
-        group = line.scheduler.add(streams)
-        group.event.wait()
-        if group.error is not None:
-            raise group.error
-        stats = {k: sum(getattr(s, k) for s in streams)
-                 for k in ("windows", "fallbacks", "echo_retries", "skipped_no_speech", "dropped_repetitive")}
-        return [s.segments for s in streams], stats, self.loaded.name, lang
+        return {**self.ready(), **super().engine_stats()}
 
 
 _REMOTE: dict = {}
@@ -307,15 +236,9 @@ class _Driver:
             done(rec, summary_line(rec.item, "error", self.out.formats, error=msg))
 
         def write(rec: _Rec, segments, turns) -> None:
-            from murmur.types import Transcript
-            text = "".join(s.text for s in segments).strip()
             wall = time.perf_counter() - rec.t0
-            stats = {"wall_s": round(wall, 3), "audio_s": round(rec.meta["duration"], 3),
-                     "chunks": rec.meta["chunks"], "vad_s": rec.meta["vad_s"], **rec.stats,
-                     "speakers": len({t.speaker for t in turns}), "runner": "ray"}
-            t = Transcript(text=text, duration=rec.meta["duration"], model=rec.name or self.model[0],
-                           segments=segments, language=rec.lang or rec.o.language or "en",
-                           stats=stats, turns=turns)
+            t = transcript_of(rec.meta, segments, turns, rec.stats, rec.name or self.model[0], rec.lang,
+                              rec.o, wall, "ray")
             try:
                 self.out.write_outputs(rec.item, t)
             except (OSError, MurmurError) as e:
