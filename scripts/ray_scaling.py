@@ -73,7 +73,7 @@ def _ray_run(nodes: int, items, out: Path, tmp: Path, pin: bool = False, **kw) -
     try:
         rss0 = psutil.Process().memory_info().rss
         cpu0 = psutil.cpu_times(percpu=True)
-        t0, e0 = time.perf_counter(), time.time()
+        t0, e0, c0 = time.perf_counter(), time.time(), time.process_time()
         ready, last, engines = [], {}, {}
         head = ray.get_runtime_context().get_node_id()
 
@@ -94,7 +94,7 @@ def _ray_run(nodes: int, items, out: Path, tmp: Path, pin: bool = False, **kw) -
                          on_event=on_event, **kw)
         wall = time.perf_counter() - t0
         idle = [round(b.idle - a.idle, 1) for a, b in zip(cpu0, psutil.cpu_times(percpu=True))]
-        cpu = _cpu_by_process()
+        cpu = {"driver": round(time.process_time() - c0, 1), **_cpu_by_process()}
         rss = psutil.Process().memory_info().rss - rss0
     finally:
         ray.shutdown()
@@ -183,7 +183,7 @@ def main() -> None:
             res[f"ray_{nodes}node_actors_ready_s"] = ready
             res[f"ray_{nodes}node_last_group_s"] = last
             res[f"ray_{nodes}node_idle_cpu_s"] = idle  # per CPU: what the job left unused
-            res[f"ray_{nodes}node_cpu_s"] = cpu  # by process name, cluster start included
+            res[f"ray_{nodes}node_cpu_s"] = cpu  # the driver's over the job; Ray's by process name, its start included
             res[f"ray_{nodes}node_engines"] = engines
         res["audio_s"] = round(audio_s, 1)
         if {"ray_1node_wall_s", "ray_2node_wall_s"} <= res.keys():
