@@ -138,3 +138,30 @@ def test_local_batch_decodes_recordings_together_as_transcribe_does(tmp_path, da
     here = transcribe(ami, model=tiny, diarize=True)
     assert (out / "dev00.rttm").read_text() == writers.render(here, "rttm")
     assert json.loads((out / "dev00.json").read_text())["text"] == here.text
+
+
+def test_local_batch_interrupted_stops_at_once_and_a_rerun_finishes(tmp_path, data_dir, tiny, monkeypatch):
+    """Ctrl-C while recordings are in flight: the threads waiting on the engine return at once, what
+    was written is complete, and a rerun does the rest."""
+    from murmur.distributed import job
+    from murmur.options import TranscribeOptions
+    clips = sorted((data_dir / "ljspeech").glob("LJ001-*.flac"))[:6]
+    report = job._report
+    seen = []
+
+    def interrupt(out, bar, counts, line):
+        report(out, bar, counts, line)
+        seen.append(line["id"])
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "_report", interrupt)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_local(expand([str(c) for c in clips]), OutputDir(out, ["txt"]), tiny, TranscribeOptions(), progress=False)
+    monkeypatch.setattr(job, "_report", report)
+    assert {x["id"] for x in _summary(out) if x["status"] == "ok"} >= set(seen)
+    counts = run_local(expand([str(c) for c in clips]), OutputDir(out, ["txt"]), tiny, TranscribeOptions(),
+                       progress=False)
+    assert counts["ok"] + counts["skipped"] == 6 and counts["error"] == 0 and counts["skipped"] >= 2
+    assert sorted(p.stem for p in out.glob("*.txt")) == sorted(c.stem for c in clips)

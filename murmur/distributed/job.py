@@ -181,41 +181,51 @@ class _LocalRun:
 
     def run(self, todo: list[Item]) -> None:
         from collections import deque
-        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
-        from murmur.distributed.inputs import item_options
-        from murmur.distributed.workers import plan_recording
-        queue, decoding, held = deque(todo), {}, 0
-        planning = None  # (future, item, options, start)
+        from concurrent.futures import ThreadPoolExecutor
+        queue = deque(todo)
         try:
             with ThreadPoolExecutor(1, "murmur-plan") as planner, \
                     ThreadPoolExecutor(self.budget + 1, "murmur-batch") as pool:
-                while queue or planning or decoding:
-                    if planning is None and queue and held < self.budget:
-                        it = queue.popleft()
-                        o = item_options(self.options, it.options)
-                        planning = (planner.submit(plan_recording, it.audio, o, 1 << 30, o.diarize), it, o,
-                                    time.perf_counter())
-                    done, _ = wait([f for f in [planning and planning[0], *decoding] if f],
-                                   return_when=FIRST_COMPLETED)
-                    if planning and planning[0] in done:
-                        f, it, o, t0 = planning
-                        planning = None
-                        try:
-                            meta, data, regions = f.result()
-                        except (MurmurError, OSError, ValueError) as e:
-                            meta = {"error": _message(e)}
-                        if meta.get("error"):
-                            _report(self.out, self.bar, self.counts,
-                                    summary_line(it, "error", self.out.formats, error=meta["error"]))
-                        else:
-                            held += meta["chunks"]
-                            decoding[pool.submit(self._decode, it, o, meta, data, regions, t0)] = meta["chunks"]
-                    for f in [f for f in done if f in decoding]:
-                        held -= decoding.pop(f)
-                        _report(self.out, self.bar, self.counts, f.result())
+                try:
+                    self._loop(queue, planner, pool)
+                except BaseException as e:  # Ctrl-C or a bug: the threads waiting on chunks return at once
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    self.worker.abort(e)
+                    raise
         finally:
             self.worker.close()
+
+    def _loop(self, queue, planner, pool) -> None:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        from murmur.distributed.inputs import item_options
+        from murmur.distributed.workers import plan_recording
+        decoding, held = {}, 0
+        planning = None  # (future, item, options, start)
+        while queue or planning or decoding:
+            if planning is None and queue and held < self.budget:
+                it = queue.popleft()
+                o = item_options(self.options, it.options)
+                planning = (planner.submit(plan_recording, it.audio, o, 1 << 30, o.diarize), it, o,
+                            time.perf_counter())
+            done, _ = wait([f for f in [planning and planning[0], *decoding] if f],
+                           return_when=FIRST_COMPLETED)
+            if planning and planning[0] in done:
+                f, it, o, t0 = planning
+                planning = None
+                try:
+                    meta, data, regions = f.result()
+                except (MurmurError, OSError, ValueError) as e:
+                    meta = {"error": _message(e)}
+                if meta.get("error"):
+                    _report(self.out, self.bar, self.counts,
+                            summary_line(it, "error", self.out.formats, error=meta["error"]))
+                else:
+                    held += meta["chunks"]
+                    decoding[pool.submit(self._decode, it, o, meta, data, regions, t0)] = meta["chunks"]
+            for f in [f for f in done if f in decoding]:
+                held -= decoding.pop(f)
+                _report(self.out, self.bar, self.counts, f.result())
 
     def _decode(self, it: Item, o, meta: dict, data: dict, regions, t0: float) -> dict:
         """Its chunks through the shared engine, then stitch (and diarize), write: its summary line."""

@@ -75,6 +75,7 @@ class Transcriber:
         self.loaded = get_model(model, device, compute_type)
         self.lines: dict[tuple, _Line] = {}
         self.lock = threading.Lock()
+        self.error: BaseException | None = None  # set by abort: no more groups are taken
         self.loaded_at = time.time()
 
     def transcribe(self, data: dict, gi: int, o):
@@ -86,6 +87,8 @@ class Transcriber:
         # one engine per set of rules: recordings with the same options share its rows
         key = (opts, lang, o.batch_size, plugins_key(o), o.seed, o.queue_limit)
         with self.lock:
+            if self.error is not None:
+                raise MurmurError(f"the job was stopped ({type(self.error).__name__})")
             line = self.lines.get(key)
             if line is None or line.scheduler.stopped:
                 line = self.lines[key] = _Line(self.loaded, opts, o)
@@ -109,6 +112,14 @@ class Transcriber:
                     if isinstance(v, (int, float)):
                         out[k] = out.get(k, 0) + v
         return out
+
+    def abort(self, error: BaseException) -> None:
+        """Fail every group waiting or to come: its callers return at once."""
+        with self.lock:
+            self.error = error
+            lines = list(self.lines.values())
+        for line in lines:
+            line.scheduler.stop(error)
 
     def close(self) -> None:
         """Stop the engines' threads once they are idle."""
