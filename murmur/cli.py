@@ -36,7 +36,9 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-policy", default="none",
                    help="none|output-window|speech-window|speech-follow|duo; combine with +")
     p.add_argument("--kv-opt", action="append", default=[], metavar="KEY=VALUE", help="policy parameter")
-    p.add_argument("--speculative", default="none", help="none, recycle, mtp or draft:MODEL (e.g. draft:tiny.en for base), combined with +: draft sources verified in one forward")
+    p.add_argument("--speculative", default="none",
+                   help="none, recycle, mtp or draft:MODEL (e.g. draft:tiny.en for base), combined with +: "
+                        "draft sources verified in one forward")
     p.add_argument("--spec-opt", action="append", default=[], metavar="KEY=VALUE", help="speculative parameter")
     p.add_argument("--encoder-sparsity", default="off", help="LAYER:FRACTION of encoder frames to drop, or off")
     p.add_argument("--word-timestamps", action="store_true", help="add words with start, end, probability")

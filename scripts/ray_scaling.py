@@ -61,7 +61,9 @@ def _cluster(nodes: int, tmp: Path, pin: bool = False):
     return c
 
 
-def _ray_run(nodes: int, items, out: Path, tmp: Path, pin: bool = False, **kw) -> tuple[float, dict, float, list]:
+def _ray_run(nodes: int, items, out: Path, tmp: Path, pin: bool = False, **kw) -> tuple:
+    """(wall, counts, driver RSS growth, actors ready, last group by node, idle CPU s per core, CPU s by
+    process, engine counters by node) of one job on a fresh `nodes`-node cluster."""
     import psutil
     import ray
 
@@ -78,17 +80,17 @@ def _ray_run(nodes: int, items, out: Path, tmp: Path, pin: bool = False, **kw) -
         head = ray.get_runtime_context().get_node_id()
 
         def on_event(ev, info):
+            side = "head" if info.get("node") == head else "worker"
             if ev == "actor_ready":  # when ready, on which node, when its process began and had the model
-                ready.append((round(time.perf_counter() - t0, 2), "head" if info["node"] == head else "worker",
+                ready.append((round(time.perf_counter() - t0, 2), side,
                               round(info["started"] - e0, 2), round(info["loaded"] - e0, 2)))
             elif ev == "actor_stats":
-                side = "head" if info["node"] == head else "worker"
                 engines[side] = {k: round(info[k], 1) for k in ("steps", "row_steps", "encode_s", "decode_s")
                                  if k in info}
                 if info.get("steps"):
                     engines[side]["rows_a_step"] = round(info["row_steps"] / info["steps"], 2)
             elif ev == "group_done" and "node" in info:  # when each node's actor finished its last group
-                last["head" if info["node"] == head else "worker"] = round(time.perf_counter() - t0, 2)
+                last[side] = round(time.perf_counter() - t0, 2)
 
         counts = run_ray(items, OutputDir(out, ["txt"]), "tiny.en", TranscribeOptions(), progress=False,
                          on_event=on_event, **kw)

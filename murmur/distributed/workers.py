@@ -92,8 +92,9 @@ class Transcriber:
             line = self.lines.get(key)
             if line is None or line.scheduler.stopped:
                 line = self.lines[key] = _Line(self.loaded, opts, o)
-        # writable copies (Ray's object store hands out read-only arrays), held only while the group decodes
-        plans = [ChunkPlan([np.array(p) for p in c.pieces], c.time_map) for c in data["groups"][gi]]
+        # writable copies of what Ray's object store hands out read-only, held only while the group decodes
+        plans = [ChunkPlan([p if p.flags.writeable else np.array(p) for p in c.pieces], c.time_map)
+                 for c in data["groups"][gi]]
         streams = chunk_streams(self.loaded, plans, opts, tok, lang, o.word_timestamps or o.diarize)
         group = line.scheduler.add(streams)
         group.event.wait()

@@ -64,10 +64,14 @@ class Speculator:
 
     def prepare(self, engine, acts) -> None:
         for s in self.sources:
-            s.prepare(engine, acts, lambda r: self.k.get(r, self.k0))
+            s.prepare(engine, acts, self.length)
+
+    def length(self, row: int) -> int:
+        """Row `row`'s draft length now (adapted by feedback)."""
+        return self.k.get(row, self.k0)
 
     def propose(self, engine, act, j: int, row: int) -> Draft | None:
-        k = self.k.get(row, self.k0)
+        k = self.length(row)
         best = None
         for s in self.sources:
             d = s.propose(engine, act, j, row, k)
@@ -78,7 +82,7 @@ class Speculator:
         return best
 
     def feedback(self, row: int, n: int, accepted: int) -> None:
-        k = self.k.get(row, self.k0)
+        k = self.length(row)
         if accepted >= n:
             self.k[row] = min(self.k_max, k + max(1, k // 2))
         else:

@@ -158,6 +158,12 @@ class PriorityScheduler:
             self._owner.clear()
 
 
+def live_engine(loaded, options: DecodingOptions, batch_size: int, recycle: bool = True) -> Engine:
+    """An engine for live updates; `recycle`: each update verifies the stream's previous hypothesis as
+    its draft (murmur.spec.recycle: the same tokens, fewer forwards)."""
+    return Engine(loaded, options, batch_size=batch_size, speculative=parse_speculative("recycle" if recycle else None))
+
+
 class SharedEngine:
     """A decoder shared by streams (murmur.stream.transcriber.Decoder): `decode(req)` blocks the
     calling stream's thread while the engine thread batches it with everyone else's."""
@@ -175,8 +181,7 @@ class SharedEngine:
 
     def _loop(self) -> None:
         while not self.scheduler.finished():
-            engine = Engine(self.loaded, self.options, batch_size=self.batch_size,
-                            speculative=parse_speculative("recycle" if self.recycle else None))
+            engine = live_engine(self.loaded, self.options, self.batch_size, self.recycle)
             self.scheduler.busy = lambda: any(o is not None for o in engine.owner_of)
             try:
                 engine.run(self.scheduler)

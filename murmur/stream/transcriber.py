@@ -34,9 +34,9 @@ import torch
 
 from murmur.audio.decode import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
 from murmur.engine.decoding import DecodingOptions, compression_ratio
-from murmur.engine.runner import Engine, Request
+from murmur.engine.runner import Request
 from murmur.errors import MurmurError
-from murmur.spec.speculator import parse_speculative
+from murmur.stream.scheduler import live_engine
 from murmur.stream.vad import StreamingVad
 from murmur.speakers.timing import cross_attention, merge_punctuations, split_words, timings_from_path, token_frames
 from murmur.types import Word
@@ -148,9 +148,7 @@ class LocalDecoder:
     """A private one-row engine: one stream, decoded in the caller's thread."""
 
     def __init__(self, loaded, recycle: bool = True):
-        # recycle: each update verifies the previous hypothesis as its draft (the same tokens)
-        self.engine = Engine(loaded, DecodingOptions(), batch_size=1,
-                             speculative=parse_speculative("recycle" if recycle else None))
+        self.engine = live_engine(loaded, DecodingOptions(), 1, recycle)
 
     def decode(self, req: Request) -> Request:
         self.engine.run(_Once(req))
