@@ -137,9 +137,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="the set this many times over (ids suffixed ~2, ~3, ...): a batch long enough that the "
                          "actors' start-up (a fixed 4-6 s here) weighs as little as in a real archive")
-    ap.add_argument("--nodes", default="1,2", help="cluster sizes to run, in this order; 1,2,2,1 cancels a "
-                    "host whose speed drifts (the ratios use each size's mean wall)")
-    ap.add_argument("--local", action=argparse.BooleanOptionalAction, default=True, help="the local run too")
+    ap.add_argument("--nodes", default="1,2", help="cluster sizes to run, in this order, 0 for the local runner; "
+                    "1,2,2,1 or 0,1,1,0 cancels a host whose speed drifts (the ratios use each size's mean wall)")
+    ap.add_argument("--local", action=argparse.BooleanOptionalAction, default=True,
+                    help="a local run first when --nodes has no 0")
     ap.add_argument("--synthetic", type=int, default=2000, help="synthetic recordings for driver memory (0: skip)")
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=len(os.sched_getaffinity(0)) >= 2,
                     help="node i on CPU i alone, the local run on CPU 0 (default: where there are 2 CPUs)")
@@ -164,16 +165,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         _pin(0 if args.pin else None)
-        if args.local:
-            t0 = time.perf_counter()
-            run_local(items, OutputDir(d / "local", ["txt"]), "tiny.en", TranscribeOptions(), progress=False)
-            res["local_wall_s"] = round(time.perf_counter() - t0, 2)
+        sizes = [int(x) for x in args.nodes.split(",")]
+        if args.local and 0 not in sizes:
+            sizes.insert(0, 0)
         res["pinned"] = args.pin
         from murmur.cpu import cpu_info
         info = cpu_info()
         res["cpu"], res["family"] = info.model, info.family
         res["recordings"], res["set"] = len(items), f"{args.set} x{args.repeat}"
-        for run, nodes in enumerate(int(x) for x in args.nodes.split(",")):
+        audio_s = None
+        for run, nodes in enumerate(sizes):
+            if nodes == 0:  # the local runner, on CPU 0 with one torch thread
+                t0 = time.perf_counter()
+                run_local(items, OutputDir(d / f"local{run}", ["txt"]), "tiny.en", TranscribeOptions(),
+                          progress=False)
+                res.setdefault("runs", []).append([0, round(time.perf_counter() - t0, 2)])
+                print(json.dumps({"local_wall_s": res["runs"][-1][1]}), flush=True)
+                continue
             wall, counts, _, ready, last, idle, cpu, engines = _ray_run(nodes, items, d / f"ray{run}",
                                                                         d / f"t{run}", pin=args.pin)
             assert counts["ok"] == len(items), counts
@@ -187,15 +195,18 @@ def main() -> None:
             res[f"ray_{nodes}node_idle_cpu_s"] = idle  # per CPU: what the job left unused
             res[f"ray_{nodes}node_cpu_s"] = cpu  # the driver's over the job; Ray's by process name, its start included
             res[f"ray_{nodes}node_engines"] = engines
-        res["audio_s"] = round(audio_s, 1)
+            print(json.dumps({f"ray_{nodes}node_wall_s": round(wall, 2), "startup_s": res[f"ray_{nodes}node_startup_s"],
+                              "cpu_s": cpu, "engines": engines}), flush=True)
+        if audio_s is not None:
+            res["audio_s"] = round(audio_s, 1)
+        for n in {k for k, _ in res["runs"]}:  # the mean wall of each size when it ran more than once
+            walls = [w for k, w in res["runs"] if k == n]
+            res["local_wall_s" if n == 0 else f"ray_{n}node_wall_s"] = round(sum(walls) / len(walls), 2)
         if {"ray_1node_wall_s", "ray_2node_wall_s"} <= res.keys():
-            for n in (1, 2):  # the mean wall of each size when it ran more than once
-                walls = [w for k, w in res["runs"] if k == n]
-                res[f"ray_{n}node_wall_s"] = round(sum(walls) / len(walls), 2)
             res["throughput_2node_over_1node"] = round(res["ray_1node_wall_s"] / res["ray_2node_wall_s"], 2)
             res["steady_2node_over_1node"] = round((res["ray_1node_wall_s"] - res["ray_1node_startup_s"])
                                                    / (res["ray_2node_wall_s"] - res["ray_2node_startup_s"]), 2)
-        if args.local and "ray_1node_wall_s" in res:
+        if "local_wall_s" in res and "ray_1node_wall_s" in res:
             res["ray_1node_over_local_wall"] = round(res["ray_1node_wall_s"] / res["local_wall_s"], 2)
         print(json.dumps(res), flush=True)
         os.sched_setaffinity(0, every)
