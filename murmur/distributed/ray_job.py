@@ -18,8 +18,9 @@ batches the data layer cuts. With Core, the driver is a small loop over object r
 - finish: stitch (and diarize once, over the whole recording, on a planner when asked), then the driver
   writes DIR/<id>.<ext> atomically and appends the summary line.
 
-Backpressure: each actor holds at most enough chunks to fill its rows twice over (counted in chunks,
-not groups: a short clip is a group of one chunk), recordings are planned only while fewer chunks than
+Backpressure: each actor holds at most its rows and one group more in chunks (counted in chunks,
+not groups: a short clip is a group of one chunk; more only lengthens the job's tail, where one actor
+still decodes what it holds while the others idle), recordings are planned only while fewer chunks than
 the actors have rows wait for one, and at most `max_recordings` are planned or in flight, so audio is
 decoded only as fast as actors consume it.
 
@@ -175,7 +176,7 @@ class _Driver:
         self.threads = max(1, round(actor_cpus))
         self.chunks_per_task = max(1, chunks_per_task)
         self.rows = options.batch_size  # an actor's engine rows
-        self.cap = 2 * self.rows  # chunks an actor holds: its rows full twice over
+        self.cap = self.rows + self.chunks_per_task  # chunks an actor holds: its rows and one group more
         self.max_recordings = max_recordings or 2 * self.n_actors * self.cap
         self.progress = progress
         self.replacements = 0
