@@ -165,3 +165,35 @@ def test_local_batch_interrupted_stops_at_once_and_a_rerun_finishes(tmp_path, da
                        progress=False)
     assert counts["ok"] + counts["skipped"] == 6 and counts["error"] == 0 and counts["skipped"] >= 2
     assert sorted(p.stem for p in out.glob("*.txt")) == sorted(c.stem for c in clips)
+
+
+def test_groups_of_a_recording_detect_its_language_once(data_dir, monkeypatch):
+    """On a multilingual model a recording's chunk groups, decoded at once as on Ray, share one
+    language detection (each group ran the encoder on the same first 30 s before), and the text is
+    `murmur transcribe`'s."""
+    import importlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    from murmur.distributed.workers import Transcriber, plan_recording
+    from murmur.models.loading import get_model
+    from murmur.options import TranscribeOptions
+    tr = importlib.import_module("murmur.transcribe")  # the module: murmur.transcribe is also the function
+    base = get_model("base")
+    o = TranscribeOptions(chunk_size=5).with_(progress=False)
+    jfk = str(data_dir / "jfk" / "jfk.flac")
+    meta, data, _ = plan_recording(jfk, o, 1)
+    assert meta["groups"] >= 2
+    calls = []
+    detect = tr.detect_language
+    monkeypatch.setattr(tr, "detect_language", lambda *a: calls.append(1) or detect(*a))
+    worker = Transcriber(base)
+    try:
+        with ThreadPoolExecutor(meta["groups"]) as pool:
+            parts = list(pool.map(lambda gi: worker.transcribe(data, gi, o), range(meta["groups"])))
+    finally:
+        worker.close()
+    assert len(calls) == 1
+    assert {p[3] for p in parts} == {"en"}
+    text = "".join(s.text for p in parts for segs in p[0] for s in segs).strip()
+    monkeypatch.setattr(tr, "detect_language", detect)
+    assert text == tr.transcribe(jfk, model=base, chunk_size=5).text

@@ -24,7 +24,8 @@ def plan_recording(audio: str, o, chunks_per_task: int, keep_audio: bool = False
     meta = {"duration": len(samples) / SAMPLE_RATE, "groups": len(groups), "chunks": len(plans),
             "vad_s": round(vad_s, 3)}
     regions = None if o.chunk_size is None else _speech_regions(plans)
-    data = {"head": samples[:N_SAMPLES].copy(), "groups": groups}
+    # key: the recording, for the language its groups share (detected once per process, not per group)
+    data = {"head": samples[:N_SAMPLES].copy(), "groups": groups, "key": f"{audio}#{len(samples)}"}
     if keep_audio:
         data["audio"] = samples
     return meta, data, regions
@@ -76,6 +77,7 @@ class Transcriber:
         self.lines: dict[tuple, _Line] = {}
         self.lock = threading.Lock()
         self.error: BaseException | None = None  # set by abort: no more groups are taken
+        self.languages: dict[str, list] = {}  # recording key -> [lock, language], the latest 256
         self.loaded_at = time.time()
 
     def transcribe(self, data: dict, gi: int, o):
@@ -83,7 +85,8 @@ class Transcriber:
         import numpy as np
 
         from murmur.transcribe import ChunkPlan, chunk_streams, decoding_options, plugins_key
-        opts, tok, lang = decoding_options(self.loaded, data["head"], o)
+        lang = self._language(data, o)
+        opts, tok, lang = decoding_options(self.loaded, data["head"], o.with_(language=lang) if lang else o)
         # one engine per set of rules: recordings with the same options share its rows
         key = (opts, lang, o.batch_size, plugins_key(o), o.seed, o.queue_limit)
         with self.lock:
@@ -103,6 +106,24 @@ class Transcriber:
         stats = {k: sum(getattr(s, k) for s in streams)
                  for k in ("windows", "fallbacks", "echo_retries", "skipped_no_speech", "dropped_repetitive")}
         return [s.segments for s in streams], stats, self.loaded.name, lang
+
+    def _language(self, data: dict, o) -> str | None:
+        """A multilingual model's language for the recording, detected on its first 30 s once in this
+        process: its other groups wait for it instead of each running the encoder on the same audio."""
+        key = data.get("key")
+        if o.language or key is None or not self.loaded.tokenizer.multilingual:
+            return o.language
+        from murmur.transcribe import detect_language
+        with self.lock:
+            slot = self.languages.get(key)
+            if slot is None:
+                slot = self.languages[key] = [threading.Lock(), None]
+                while len(self.languages) > 256:
+                    self.languages.pop(next(iter(self.languages)))
+        with slot[0]:
+            if slot[1] is None:
+                slot[1] = detect_language(self.loaded, data["head"])[0]
+        return slot[1]
 
     def engine_stats(self) -> dict:
         """Its engines' counters summed (steps, row_steps, encode_s, ...)."""
