@@ -2,7 +2,7 @@
 driver's memory per recording over many short synthetic recordings.
 
     PYTHONPATH=$PWD python scripts/ray_scaling.py [--set lj|libri|both|all] [--repeat N] [--limit N]
-        [--synthetic 2000] [--no-pin]
+        [--nodes 0,1,2,2,1,0] [--synthetic 2000] [--no-pin]
 
 Sets: `lj` the 32 LJSpeech clips (3.7 min), `libri` the 100 LibriSpeech test-other utterances of
 librispeech_other_noref (12.8 min), `both` (the default, 16.5 min), `all` every recording of the
