@@ -125,6 +125,21 @@ def test_encoder_pad_encodes_less_and_commits_the_same_words(tiny, jfk):
         StreamOptions(encoder_pad_s=-1.0)
 
 
+def test_multilingual_stream_detects_its_language_until_words_settle(jfk):
+    """base with no language: each update detects it (as a file's first 30 s are) until words are
+    committed, then it is fixed; the words are those of the language given."""
+    from murmur.models.loading import get_model
+    from murmur.stream.transcriber import StreamingTranscriber, StreamOptions
+    base = get_model("base")
+    auto = StreamingTranscriber(base, StreamOptions())
+    words, _ = _play(auto, jfk, 0.5)
+    forced = StreamingTranscriber(base, StreamOptions(language="en"))
+    want, _ = _play(forced, jfk, 0.5)
+    assert auto.language == "en" and words and [w.word for w in words] == [w.word for w in want]
+    assert 1 <= auto.stats["detections"] < auto.stats["updates"]
+    assert forced.stats["detections"] == 0
+
+
 def test_silence_and_bad_input(tiny):
     from murmur.stream.transcriber import StreamingTranscriber, StreamOptions
     st = StreamingTranscriber(tiny, StreamOptions())

@@ -68,7 +68,7 @@ class StreamOptions:
     vad_threshold: float = 0.5
     min_silence_s: float = 0.5  # silence that ends a turn
     prefix_padding_s: float = 0.3  # audio kept before detected speech
-    language: str | None = None
+    language: str | None = None  # None: detected on a multilingual model, until its first committed word
     prompt: str | None = None  # text the first update is conditioned on
     prompt_tokens: int = 128  # committed tokens carried as the prompt
     no_speech_threshold: float = 0.6
@@ -198,6 +198,8 @@ class StreamingTranscriber:
         self.received = 0  # samples fed so far
         self.next_update = self._n(o.step_s)
         self.turn_open = not o.vad
+        self.language = o.language
+        self.detecting = self.tok.multilingual and not o.language  # the language is not settled yet
         self.context: list[int] = self.tok.encode(" " + o.prompt.strip()) if o.prompt else []
         self.in_buffer: list[_W] = []  # committed words inside the buffer
         self.history: deque[list[_W]] = deque(maxlen=o.agreement - 1)  # past hypotheses, committed part removed
@@ -206,7 +208,7 @@ class StreamingTranscriber:
         self.turn_text: list[str] = []
         self.updates = 0
         self.last_tokens: list[int] = []  # the last update's decode
-        self.stats = {"updates": 0, "decode_s": 0.0, "align_s": 0.0, "trims": 0, "turns": 0}
+        self.stats = {"updates": 0, "decode_s": 0.0, "align_s": 0.0, "trims": 0, "turns": 0, "detections": 0}
 
     # --- public ------------------------------------------------------------------------------
     def feed(self, pcm) -> StreamResult:
@@ -348,7 +350,7 @@ class StreamingTranscriber:
             frames = min(N_FRAMES, max(MIN_INPUT, int(np.ceil(need / PAD_BLOCK)) * PAD_BLOCK))
         mel = log_mel_spectrogram(audio, n_mels=self.loaded.model.dims.n_mels, padding=N_SAMPLES)[:, :frames]
         prompt = [tok.sot_prev] + self.context[-o.prompt_tokens:] if self.context else []
-        prompt += tok.sot_sequence(o.language, timestamps=True)
+        prompt += tok.sot_sequence(self.language, timestamps=True)
         seconds = audio.size / SAMPLE_RATE
         sample_len = min(224, int(8 * seconds) + 16)  # ~3 tokens/s of speech; a loop stops here
 
@@ -368,6 +370,10 @@ class StreamingTranscriber:
         self.updates += 1
         self.stats["updates"] += 1
         t0 = time.perf_counter()
+        if self.detecting:  # Whisper's detection on the buffer, as a file's on its first 30 s
+            from murmur.transcribe import detect_language
+            self.language = detect_language(self.loaded, audio)[0]
+            self.stats["detections"] += 1
         req = self.decoder.decode(self._request(audio))
         self.stats["decode_s"] += time.perf_counter() - t0
         self.last_tokens = list(req.tokens)
@@ -384,7 +390,7 @@ class StreamingTranscriber:
     def _align(self, features: torch.Tensor, text: list[int], n_samples: int) -> list[_W]:
         tok = self.tok
         frames = max(2, int(round(n_samples / HOP_LENGTH)))  # mel frames of real audio
-        weights, probs, row0 = cross_attention(self.loaded, features, text, tok, language=self.opts.language)
+        weights, probs, row0 = cross_attention(self.loaded, features, text, tok, language=self.language)
         ti, fi = token_frames(weights, row0, len(text), frames)
         words, groups = split_words(tok, text)
         timing = timings_from_path(words, groups, probs, ti, fi)
@@ -428,6 +434,7 @@ class StreamingTranscriber:
         return rest
 
     def _commit(self, words: list[_W]) -> list[Word]:
+        self.detecting = self.detecting and not words  # words in a language settle it
         out = []
         for w in words:
             w.start = max(w.start, self.last_end)  # times never go back
