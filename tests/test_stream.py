@@ -138,6 +138,8 @@ def test_multilingual_stream_detects_its_language_until_words_settle(jfk):
     assert auto.language == "en" and words and [w.word for w in words] == [w.word for w in want]
     assert 1 <= auto.stats["detections"] < auto.stats["updates"]
     assert forced.stats["detections"] == 0
+    with pytest.raises(MurmurError, match="unknown language"):
+        StreamingTranscriber(base, StreamOptions(language="xx"))
 
 
 def test_silence_and_bad_input(tiny):
@@ -234,6 +236,10 @@ def test_realtime_websocket_jfk(tiny, jfk):
                                                                            "input_audio_rate": 44100}}))
             bad = json.loads(await ws.recv())
             assert bad["type"] == "error" and bad["error"]["code"] == "unsupported_sample_rate"
+            await ws.send(json.dumps({"type": "session.update", "session": {"audio": {"input": {
+                "transcription": {"language": "fr"}}}}}))  # tiny.en is English-only
+            bad = json.loads(await ws.recv())
+            assert bad["error"]["code"] == "invalid_value" and "English-only" in bad["error"]["message"]
             await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": "%%% not base64"}))
             assert json.loads(await ws.recv())["error"]["code"] == "invalid_base64"
             await ws.send("not json")

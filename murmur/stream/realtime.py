@@ -26,6 +26,8 @@ import threading
 import numpy as np
 from fastapi import APIRouter, FastAPI, WebSocket, WebSocketDisconnect
 
+from murmur.errors import MurmurError
+
 RATES = (24000, 16000)
 MAX_MESSAGE = 4 << 20  # bytes of one client event (~1.4 min of base64 24-kHz pcm16)
 MAX_PENDING_S = 60.0  # audio waiting for the worker beyond this is an error, not a memory leak
@@ -167,6 +169,13 @@ class _Session:
                                           "session_locked", eid))
         if rate != self.rate:
             self.rate, self.resample = rate, _Resampler(rate)
+        if isinstance(tr, dict) and tr.get("language"):
+            from murmur.stream.transcriber import check_language
+            try:
+                check_language(self.engine.loaded, tr["language"])
+            except MurmurError as e:
+                return await self.send(_error(str(e), "invalid_value", eid,
+                                              "session.audio.input.transcription.language"))
         if isinstance(tr, dict):
             self.language = tr.get("language") or self.language
             self.prompt = tr.get("prompt") or self.prompt
