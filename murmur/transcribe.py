@@ -15,7 +15,7 @@ from murmur.engine.kv.cache import KVCache
 from murmur.engine.longform import ChunkStream, TimeMap
 from murmur.engine.runner import Engine
 from murmur.engine.scheduler import StreamScheduler
-from murmur.errors import MurmurError
+from murmur.errors import MurmurError, OptionsError
 from murmur.models.common import LoadedModel
 from murmur.models.loading import get_model
 from murmur.options import TranscribeOptions
@@ -102,6 +102,18 @@ def _speech_regions(plans: list[ChunkPlan]) -> list[tuple[float, float]]:
 # --- the pipeline's parts, shared by Job and murmur.distributed (plan, decode and finish there
 # run in different processes): rules -> chunk streams -> stitch + diarize ----------------------
 
+def check_language(loaded: LoadedModel, language: str | None) -> None:
+    """A clear error for a language the model cannot transcribe: English-only, or not one it knows."""
+    if not language:
+        return
+    try:
+        loaded.tokenizer.language_token(language)
+    except ValueError:
+        if not loaded.tokenizer.multilingual:
+            raise OptionsError(f"language {language!r}: model {loaded.name} is English-only") from None
+        raise OptionsError(f"unknown language {language!r} for model {loaded.name}") from None
+
+
 def decoding_options(loaded: LoadedModel, audio: np.ndarray, o: TranscribeOptions):
     """(DecodingOptions, tokenizer, language) of a recording: the language detected on multilingual
     models from the first 30 s (so `audio` may be just those)."""
@@ -110,8 +122,7 @@ def decoding_options(loaded: LoadedModel, audio: np.ndarray, o: TranscribeOption
     if tok.multilingual and opts.language is None and len(audio):
         opts = opts.with_(language=detect_language(loaded, audio)[0])
     lang = opts.language or "en"
-    if not tok.multilingual and lang != "en":
-        raise MurmurError(f"model {loaded.name} is English-only; language {lang!r} is not supported")
+    check_language(loaded, lang)
     if not tok.multilingual and opts.task == "translate":
         raise MurmurError(f"model {loaded.name} is English-only; it cannot translate")
     # each job its own tokenizer: language and task belong to the request, so concurrent

@@ -206,7 +206,6 @@ FIELDS = ("language", "prompt", "temperature", "chunk_size", "diarize", "num_spe
 
 def read_form(hub: Hub, task, model, response_format, granularities, stream, **fields) -> tuple[Form_, object]:
     """The form's text fields -> TranscribeOptions, through the parser every text source shares."""
-    from murmur.errors import OptionsError
     from murmur.options import TranscribeOptions
     name, loaded = hub.model(model)
     fmt = (response_format or "json").strip()
@@ -242,9 +241,8 @@ def read_form(hub: Hub, task, model, response_format, granularities, stream, **f
         given["diarize"] = "true"  # speakers by default for speaker formats, as the CLI
     try:
         o = TranscribeOptions.from_mapping({**given, "task": task})
-        if o.language is not None and not loaded.tokenizer.multilingual and o.language != "en":
-            raise OptionsError(f"language {o.language!r}: model {name} is English-only")
-        from murmur.transcribe import engine_plugins
+        from murmur.transcribe import check_language, engine_plugins
+        check_language(loaded, o.language)
         engine_plugins(loaded, o)  # a bad policy is the request's 400, not the engine's error
     except MurmurError as e:
         msg = str(e)

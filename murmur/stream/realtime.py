@@ -170,7 +170,7 @@ class _Session:
         if rate != self.rate:
             self.rate, self.resample = rate, _Resampler(rate)
         if isinstance(tr, dict) and tr.get("language"):
-            from murmur.stream.transcriber import check_language
+            from murmur.transcribe import check_language
             try:
                 check_language(self.engine.loaded, tr["language"])
             except MurmurError as e:

@@ -187,6 +187,7 @@ class StreamingTranscriber:
         self.loaded = model
         self.tok = model.tokenizer
         self.opts = options or StreamOptions(**kw)
+        from murmur.transcribe import check_language
         check_language(model, self.opts.language)
         self.decoder = decoder or LocalDecoder(model)
         self.id = next(_ids)
@@ -483,15 +484,6 @@ class StreamingTranscriber:
     @staticmethod
     def _n(seconds: float) -> int:
         return int(round(seconds * SAMPLE_RATE))
-
-
-def check_language(loaded, language: str | None) -> None:
-    """A clear error for a language the model cannot transcribe (English-only, or unknown)."""
-    if language:
-        try:
-            loaded.tokenizer.language_token(language)
-        except ValueError as e:
-            raise MurmurError(f"model {loaded.name}: {e}") from None
 
 
 def _common_prefix(a: list[_W], b: list[_W]) -> list[_W]:
