@@ -85,7 +85,7 @@ class Transcriber:
         import numpy as np
 
         from murmur.transcribe import ChunkPlan, chunk_streams, decoding_options, plugins_key
-        lang = self._language(data, o)
+        lang = self._language(data, o)  # None: there is none to detect, or o gives it
         opts, tok, lang = decoding_options(self.loaded, data["head"], o.with_(language=lang) if lang else o)
         # one engine per set of rules: recordings with the same options share its rows
         key = (opts, lang, o.batch_size, plugins_key(o), o.seed, o.queue_limit)
@@ -112,7 +112,7 @@ class Transcriber:
         process: its other groups wait for it instead of each running the encoder on the same audio."""
         key = data.get("key")
         if o.language or key is None or not self.loaded.tokenizer.multilingual:
-            return o.language
+            return None
         from murmur.transcribe import detect_language
         with self.lock:
             slot = self.languages.get(key)
