@@ -85,10 +85,7 @@ def _ray_run(nodes: int, items, out: Path, tmp: Path, pin: bool = False, **kw) -
                 ready.append((round(time.perf_counter() - t0, 2), side,
                               round(info["started"] - e0, 2), round(info["loaded"] - e0, 2)))
             elif ev == "actor_stats":
-                engines[side] = {k: round(info[k], 1) for k in ("steps", "row_steps", "encode_s", "decode_s")
-                                 if k in info}
-                if info.get("steps"):
-                    engines[side]["rows_a_step"] = round(info["row_steps"] / info["steps"], 2)
+                engines[side] = _engine_figures(info)
             elif ev == "group_done" and "node" in info:  # when each node's actor finished its last group
                 last[side] = round(time.perf_counter() - t0, 2)
 
@@ -102,6 +99,15 @@ def _ray_run(nodes: int, items, out: Path, tmp: Path, pin: bool = False, **kw) -
         ray.shutdown()
         c.shutdown()
     return wall, counts, rss, ready, last, idle, cpu, engines
+
+
+def _engine_figures(info: dict) -> dict:
+    """An engine's steps, row-steps, encode/decode wall and its thread's and process's CPU s."""
+    out = {k: round(info[k], 1) for k in ("steps", "row_steps", "encode_s", "decode_s", "engine_cpu_s",
+                                          "process_cpu_s") if k in info}
+    if info.get("steps"):
+        out["rows_a_step"] = round(info["row_steps"] / info["steps"], 2)
+    return out
 
 
 def _cpu_by_process() -> dict:
@@ -176,11 +182,12 @@ def main() -> None:
         audio_s = None
         for run, nodes in enumerate(sizes):
             if nodes == 0:  # the local runner, on CPU 0 with one torch thread
-                t0 = time.perf_counter()
+                t0, c0, stats = time.perf_counter(), time.process_time(), {}
                 run_local(items, OutputDir(d / f"local{run}", ["txt"]), "tiny.en", TranscribeOptions(),
-                          progress=False)
+                          progress=False, on_event=lambda ev, info: stats.update(info))
                 res.setdefault("runs", []).append([0, round(time.perf_counter() - t0, 2)])
-                print(json.dumps({"local_wall_s": res["runs"][-1][1]}), flush=True)
+                stats["process_cpu_s"] -= c0  # this job's, not the script's before it
+                print(json.dumps({"local_wall_s": res["runs"][-1][1], "engine": _engine_figures(stats)}), flush=True)
                 continue
             wall, counts, _, ready, last, idle, cpu, engines = _ray_run(nodes, items, d / f"ray{run}",
                                                                         d / f"t{run}", pin=args.pin)

@@ -148,11 +148,12 @@ def plan_job(items: list[Item], out: OutputDir) -> tuple[list[Item], list[Item],
     return todo, skip, bad
 
 
-def run_local(items: list[Item], out: OutputDir, model, options, progress: bool = True) -> dict:
+def run_local(items: list[Item], out: OutputDir, model, options, progress: bool = True, on_event=None) -> dict:
     """The job in this process, with the Ray runner's continuous batching: one thread plans the next
     recordings (decode, VAD, chunks) while one engine decodes the chunks of many recordings in its
     rows, so a folder of short clips fills the rows as one long recording does. `model` is a name or
-    a LoadedModel; `options` a TranscribeOptions, each item's manifest options over it."""
+    a LoadedModel; `options` a TranscribeOptions, each item's manifest options over it. `on_event`, as
+    for run_ray, gets the engine's counters at the end ("actor_stats")."""
     from murmur.models.loading import get_model
     from murmur.transcribe import set_threads
     todo, skip, bad = plan_job(items, out)
@@ -162,7 +163,8 @@ def run_local(items: list[Item], out: OutputDir, model, options, progress: bool 
         start_job(out, bar, counts, skip, bad)
         if todo:
             set_threads(options.threads)
-            _LocalRun(get_model(model, options.device, options.compute_type), out, options, bar, counts).run(todo)
+            _LocalRun(get_model(model, options.device, options.compute_type), out, options, bar, counts,
+                      on_event).run(todo)
     finally:
         bar.close()
         out.compact(items)
@@ -173,9 +175,10 @@ class _LocalRun:
     """Recordings in flight hold at most twice the engine's rows in chunks (one always goes, however
     long), and the next is planned only below that, so audio is decoded as fast as chunks are."""
 
-    def __init__(self, loaded, out: OutputDir, options, bar: "Progress", counts: dict):
+    def __init__(self, loaded, out: OutputDir, options, bar: "Progress", counts: dict, on_event=None):
         from murmur.distributed.workers import Transcriber
         self.out, self.options, self.bar, self.counts = out, options.with_(progress=False), bar, counts
+        self.on_event = on_event
         self.worker = Transcriber(loaded)
         self.budget = 2 * options.batch_size
 
@@ -188,6 +191,8 @@ class _LocalRun:
                     ThreadPoolExecutor(self.budget + 1, "murmur-batch") as pool:
                 try:
                     self._loop(queue, planner, pool)
+                    if self.on_event:
+                        self.on_event("actor_stats", self.worker.engine_stats())
                 except BaseException as e:  # Ctrl-C or a bug: the threads waiting on chunks return at once
                     pool.shutdown(wait=False, cancel_futures=True)
                     self.worker.abort(e)

@@ -126,13 +126,15 @@ class Transcriber:
         return slot[1]
 
     def engine_stats(self) -> dict:
-        """Its engines' counters summed (steps, row_steps, encode_s, ...)."""
-        out: dict = {}
+        """Its engines' counters summed (steps, row_steps, encode_s, ...), the CPU s of their threads and of the process."""
+        out: dict = {"process_cpu_s": time.process_time(), "engine_cpu_s": 0.0}
         with self.lock:
             for line in self.lines.values():
                 for k, v in line.engine.stats.items():
                     if isinstance(v, (int, float)):
                         out[k] = out.get(k, 0) + v
+                if line.thread.is_alive():  # CPU its engine thread used, beside the process's other threads
+                    out["engine_cpu_s"] += time.clock_gettime(time.pthread_getcpuclockid(line.thread.ident))
         return out
 
     def abort(self, error: BaseException) -> None:
