@@ -122,8 +122,8 @@ def test_long_recording_fans_out_over_both_nodes(cluster, clips, tiny, tmp_path)
     assert len(nodes) == 2  # its chunks ran on both nodes
 
 
-def test_diarization_runs_once_per_recording_on_a_planner(cluster, data_dir, tiny, tmp_path):
-    """Speakers come from one diarization over the whole recording, on a node's planner, as locally."""
+def test_diarization_runs_once_per_recording_on_an_actor(cluster, data_dir, tiny, tmp_path):
+    """Speakers come from one diarization over the whole recording, on one actor, as locally."""
     from murmur.options import TranscribeOptions
     from murmur.distributed.ray_job import run_ray
     clip = data_dir / "ami" / "dev00.flac"
@@ -137,23 +137,52 @@ def test_diarization_runs_once_per_recording_on_a_planner(cluster, data_dir, tin
         (x["speaker"], x["words"]) for x in json.loads(writers.render(here, "seglst"))]
 
 
-def test_planners_gone_for_good_are_replaced(cluster, clips, local, tmp_path, monkeypatch):
-    """Planners killed with no restart left: their recordings are planned again by new ones."""
+def test_an_actor_gone_for_good_is_replaced(cluster, clips, local, tmp_path, monkeypatch):
+    """The first actor is killed with no restart left before it plans anything: the recordings sent to
+    it are planned again by the others, and a new actor takes its place."""
     from murmur.distributed import ray_job
-    made = ray_job._planners
+    make = ray_job._Driver._new_actor
+    made = []
 
-    def dead_planners():
-        ps = made()
-        for p in ps:
-            ray.kill(p, no_restart=True)
-        return ps
+    def doomed(self):
+        a = make(self)
+        if not made:
+            ray.kill(a.handle, no_restart=True)
+        made.append(a)
+        return a
 
-    monkeypatch.setattr(ray_job, "_planners", dead_planners)
+    monkeypatch.setattr(ray_job._Driver, "_new_actor", doomed)
+    events = []
     out = tmp_path / "out"
-    items = expand([str(x) for x in clips[:3]])
-    assert _run(items, out, ["txt"]) == {"ok": 3, "error": 0, "skipped": 0}
-    for x in clips[:3]:
+    items = expand([str(x) for x in clips[:4]])
+    assert _run(items, out, ["txt"], on_event=lambda ev, info: events.append(ev)) == {
+        "ok": 4, "error": 0, "skipped": 0}
+    assert "actor_dead" in events and len(made) == 3  # two, then one in place of the dead one
+    for x in clips[:4]:
         assert (out / f"{x.stem}.txt").read_text() == writers.render(local[x.stem], "txt")
+
+
+def test_an_actor_process_killed_mid_run_loses_nothing(cluster, clips, local, tmp_path):
+    """SIGKILL of a transcription actor's process while it holds groups: Ray restarts it, the driver
+    sends its lost calls again, and every recording is written once, as locally."""
+    import signal
+    out = tmp_path / "out"
+    killed, lost = [], []
+
+    def on_event(ev, info):
+        if ev in ("group_lost", "work_lost"):
+            lost.append(info)
+        if ev == "group_done" and not killed:
+            killed.append(info["pid"])
+            os.kill(info["pid"], signal.SIGKILL)
+
+    items = expand([str(x) for x in clips[:FAULT_CLIPS]])
+    assert _run(items, out, ["txt"], on_event=on_event) == {"ok": FAULT_CLIPS, "error": 0, "skipped": 0}
+    assert killed and lost
+    lines = _summary(out)
+    assert sorted(x["id"] for x in lines) == sorted(x.stem for x in clips[:FAULT_CLIPS])
+    for x in clips[:FAULT_CLIPS]:
+        assert (out / f"{x.stem}.txt").read_text() == writers.render(local[x.stem], "txt"), x.stem
 
 
 def test_worker_node_dies_mid_run_nothing_lost_nothing_twice(cluster, clips, local, tmp_path):
@@ -164,7 +193,7 @@ def test_worker_node_dies_mid_run_nothing_lost_nothing_twice(cluster, clips, loc
     lost = []
 
     def on_event(ev, info):
-        if ev == "group_lost":
+        if ev in ("group_lost", "work_lost"):
             lost.append(info)
         # the worker node's raylet and everything on it die while its actor holds groups
         if ev == "group_done" and info.get("node") == worker_node and not killed.is_set():

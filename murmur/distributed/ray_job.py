@@ -1,21 +1,23 @@
-"""`murmur batch --ray`: the job on a Ray cluster, with Ray Core actors: planners and transcribers.
+"""`murmur batch --ray`: the job on a Ray cluster, with Ray Core actors that plan and transcribe.
 
 Why Ray Core and not Ray Data: a recording fans out into chunks that must come back together, in
 order, for one stitch and one diarization over the whole recording, and each output is written
 once per recording as soon as its last chunk is done. Ray Data streams rows through fixed-size
 `map_batches` calls and would need an all-to-all groupby (a barrier) to regroup chunks; an actor's
 engine also wants chunks to join its rows the moment rows free up (continuous batching), not in
-batches the data layer cuts. With Core, the driver is a small loop over object refs:
+batches the data layer cuts. With Core, the driver is a small loop over object refs, and every call
+goes to a transcription actor (`Transcriber`, one per `actor_cpus` CPUs, the model loaded once):
 
-- plan (`Planner.plan`, CPU work on every node): decode, VAD, chunk; returns a small meta object
-  (the driver reads it), the chunk groups (never fetched by the driver) and the speech regions. The
-  planners are actors, one per node with no CPU reserved, not tasks: Ray kills a task's worker after
-  a second idle, and each new worker paid 2.4 s of CPU importing torch and the VAD again, beside a
-  transcription actor (4 times in a 32-clip job on one node: 21.3 s, then 16.6 s as actors);
-- transcribe (`Transcriber`, one per `actor_cpus` CPUs): loads the model once, takes chunk groups
-  of any recording into one continuously batched engine (murmur.distributed.feed), and returns each
-  chunk's segments; the groups of a long recording go to whichever actors have room;
-- finish: stitch (and diarize once, over the whole recording, on a planner when asked), then the driver
+- plan (`Transcriber.plan`, on each node in turn): decode, VAD, chunk; returns a small meta object
+  (the driver reads it), the chunk groups (never fetched by the driver; they stay in the planning
+  node's object store) and the speech regions. Planning runs in the actor's own process, in a thread
+  beside its engine, as the local runner does: a separate planner process per node started a second
+  Ray worker beside the actor, which the raylet boots one at a time on a 1-CPU node (the actor was
+  ready 2 s later) and which cost 3-4 s of CPU a node besides;
+- transcribe (`Transcriber.transcribe`): chunk groups of any recording join one continuously batched
+  engine (murmur.distributed.feed), and each chunk's segments come back; the groups of a long
+  recording go to whichever actors have room;
+- finish: stitch (and diarize once, over the whole recording, on an actor when asked), then the driver
   writes DIR/<id>.<ext> atomically and appends the summary line.
 
 Backpressure: each actor holds at most its rows and one group more in chunks (counted in chunks,
@@ -24,12 +26,12 @@ still decodes what it holds while the others idle), recordings are planned only 
 the actors have rows wait for one, and at most `max_recordings` are planned or in flight, so audio is
 decoded only as fast as actors consume it.
 
-Retries, set deliberately: a planner that dies is restarted by Ray, on another node when its own is
-gone (soft node affinity), and its plan and diarize calls are retried there (PLAN_RETRIES; their lost
-outputs are rebuilt from lineage); a transcription actor process that dies is restarted
-by Ray (ACTOR_RESTARTS), but its calls are not retried by Ray (max_task_retries=0): the driver puts
-their groups back in the queue for any live actor, since an actor on a dead node cannot restart until
-a node has room and Ray's retry would wait on it. A group is tried GROUP_ATTEMPTS times.
+Retries, set deliberately: an actor process that dies is restarted by Ray (ACTOR_RESTARTS), but its
+calls are not retried by Ray (max_task_retries=0), since an actor on a dead node cannot restart until
+a node has room and Ray's retry would wait on it. The driver sends them again instead, to any live
+actor: a lost group goes back in the queue, a lost plan or diarization is sent again, and a
+recording whose planned chunks were lost with their node (ObjectLostError) is planned again. A
+recording loses work at most LOST_LIMIT times, then fails with the error.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ import time
 from collections import deque
 
 import ray
-from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayError, RayTaskError
 
 from murmur.distributed import workers
 from murmur.distributed.inputs import item_options
@@ -47,23 +49,14 @@ from murmur.distributed.job import OutputDir, Progress, _message, _report, plan_
 from murmur.distributed.workers import plan_recording, transcript_of
 from murmur.errors import MurmurError
 
-PLAN_RETRIES = 3
 ACTOR_RESTARTS = 3
-GROUP_ATTEMPTS = 4
+LOST_LIMIT = 4  # times a recording may lose work to a dead actor or node before it fails
 WARMUP_S = 120.0  # at most this long, ready actors take only their share while others load the model
 STALL_S = 900.0  # no live actor this long: the rest of the job fails with a clear error
 
-def _one_thread() -> None:
-    import torch
-    torch.set_num_threads(1)
-    os.environ["MURMUR_THREADS"] = "1"
-
-
-class Planner:
-    """CPU work near the data, one per node: plan a recording, and diarize one once its chunks are done."""
-
-    def __init__(self):
-        _one_thread()
+class Transcriber(workers.Transcriber):
+    """A transcription actor: the model loaded once, torch threads = the CPUs Ray gave it; it also
+    plans recordings and diarizes them, in threads beside its engine."""
 
     @ray.method(num_returns=3)
     def plan(self, audio: str, o, chunks_per_task: int):
@@ -75,10 +68,6 @@ class Planner:
         from murmur.transcribe import finish
         segments, turns, _, _ = finish(per_chunk, load_audio(audio), None, o, regions=regions)
         return segments, turns
-
-
-class Transcriber(workers.Transcriber):
-    """A transcription actor: the model loaded once, torch threads = the CPUs Ray gave it."""
 
     def ready(self) -> dict:
         """Where it runs, and when (epoch s) its process began to load and had the model."""
@@ -99,23 +88,10 @@ def _remote(cls):
     return _REMOTE[cls]
 
 
-def _planner(node: str | None = None):
-    """A planner, pinned softly to `node`: Ray restarts it elsewhere when that node dies."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    return _remote(Planner).options(
-        num_cpus=0, max_restarts=ACTOR_RESTARTS, max_task_retries=PLAN_RETRIES,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True) if node else "DEFAULT").remote()
-
-
-def _planners() -> list:
-    """One planner per alive node."""
-    return [_planner(n["NodeID"]) for n in ray.nodes() if n.get("Alive")] or [_planner()]
-
-
 class _Rec:
     """What the driver holds for a recording in flight: refs and the finished chunks' segments."""
     __slots__ = ("item", "o", "t0", "meta", "data", "regions", "results", "left", "stats", "name", "lang",
-                 "planner", "tries")
+                 "lost")
 
     def __init__(self, item, o):
         self.item, self.o, self.t0 = item, o, time.perf_counter()
@@ -124,7 +100,7 @@ class _Rec:
         self.left = 0
         self.stats: dict = {}
         self.name = self.lang = None
-        self.planner, self.tries = None, 0  # (slot, handle) of its planner, and how many times it was sent
+        self.lost = 0  # times a dead actor or node lost its plan, chunks or diarization
 
 
 class _Actor:
@@ -134,9 +110,15 @@ class _Actor:
         self.handle, self.chunks, self.ready, self.probe, self.info = handle, 0, False, None, None
 
 
+def _lost_object(e: BaseException) -> bool:
+    """An argument gone with its node, whether Ray says so or the call's own get of it does."""
+    return isinstance(e, ObjectLostError) or isinstance(getattr(e, "cause", None), ObjectLostError)
+
+
 def _system_error(e: BaseException) -> bool:
-    """A lost worker, actor, node or object: retry elsewhere. A RayTaskError is the code's own."""
-    return isinstance(e, RayError) and (isinstance(e, RayActorError) or not isinstance(e, RayTaskError))
+    """A lost worker, actor, node or object: retry elsewhere. Another RayTaskError is the code's own."""
+    return isinstance(e, RayError) and (isinstance(e, RayActorError) or not isinstance(e, RayTaskError)
+                                        or _lost_object(e))
 
 
 def _cause(e: BaseException) -> str:
@@ -186,9 +168,10 @@ class _Driver:
         return min(self.chunks_per_task, rec.meta["chunks"] - gi * self.chunks_per_task)
 
     def _new_actor(self) -> _Actor:
+        # threads: one per group it holds (a chunk or more), plus plans, diarizations and probes
         cls = _remote(Transcriber).options(
             num_cpus=self.actor_cpus, max_restarts=ACTOR_RESTARTS, max_task_retries=0,
-            max_concurrency=self.cap + 4)  # threads: one per group it holds (a chunk or more), plus probes
+            max_concurrency=self.cap + 2 * self.n_actors + 4)
         a = _Actor(cls.remote(*self.model, self.threads))
         a.probe = a.handle.ready.remote()
         return a
@@ -208,16 +191,28 @@ class _Driver:
 
     def _loop(self, queue: deque, bar: Progress, counts: dict) -> None:
         pool = [self._new_actor() for _ in range(self.n_actors)]
-        planners = _planners()
-        turn = 0  # planners take recordings in turn
-        plans: dict = {}  # meta ref -> rec
-        calls: dict = {}  # call ref -> (rec, group index, actor, attempt)
-        finishing: dict = {}  # diarize ref -> rec
-        groups: deque = deque()  # (rec, group index, attempt) waiting for an actor
-        diarize_queue: deque = deque()  # (rec, per-chunk segments) waiting for a diarization task
+        turn = 0  # actors take plans and diarizations in turn
+        plans: dict = {}  # meta ref -> (rec, actor)
+        calls: dict = {}  # call ref -> (rec, group index, actor)
+        finishing: dict = {}  # diarize ref -> (rec, per-chunk segments, actor)
+        groups: deque = deque()  # (rec, group index) waiting for an actor
+        diarize_queue: deque = deque()  # (rec, per-chunk segments) waiting for an actor
         active = 0
         last_live = time.monotonic()
         warmup = last_live + WARMUP_S
+
+        def next_actor() -> _Actor:
+            """The next actor in turn for a plan or a diarization: a ready one, else any (still loading)."""
+            nonlocal turn
+            turn += 1
+            pick = [a for a in pool if a.ready] or pool
+            return pick[turn % len(pick)]
+
+        def suspect(a: _Actor) -> None:
+            """A call on it was lost: wait for Ray to restart it (or give up on it) before it takes more."""
+            if a.ready and a.probe is None:
+                a.ready = False
+                a.probe = a.handle.ready.remote()
 
         def done(rec: _Rec, line: dict) -> None:
             nonlocal active
@@ -225,16 +220,37 @@ class _Driver:
             _report(self.out, bar, counts, line)
             self.on_event("recording", line)
 
-        def fail(rec: _Rec, msg: str) -> None:
+        def drop(rec: _Rec) -> None:
+            """Forget the recording's groups, waiting or in flight: their answers are moot now."""
             if rec.results is not None:
                 rec.results = None
                 for k in [k for k, v in calls.items() if v[0] is rec]:
-                    _, gi, a, _ = calls.pop(k)  # its other groups' answers are moot now
+                    _, gi, a = calls.pop(k)
                     a.chunks -= self._size(rec, gi)
             for i, g in reversed(list(enumerate(groups))):
                 if g[0] is rec:
                     del groups[i]
+
+        def fail(rec: _Rec, msg: str) -> None:
+            drop(rec)
             done(rec, summary_line(rec.item, "error", self.out.formats, error=msg))
+
+        def lost(rec: _Rec, e: BaseException, what: str) -> bool:
+            """Count a loss to a dead actor or node; False (and the recording failed) past LOST_LIMIT."""
+            rec.lost += 1
+            self.on_event("work_lost", {"id": rec.item.id, "what": what, "error": type(e).__name__})
+            if rec.lost >= LOST_LIMIT:
+                fail(rec, f"{what} lost {rec.lost} times: {_cause(e)}")
+                return False
+            return True
+
+        def replan(rec: _Rec) -> None:
+            """Plan it again from its file: its planned chunks went with their node."""
+            nonlocal active
+            drop(rec)
+            rec.meta = rec.data = rec.regions = None
+            rec.stats, active = {}, active - 1
+            queue.appendleft(rec)
 
         def write(rec: _Rec, segments, turns) -> None:
             wall = time.perf_counter() - rec.t0
@@ -257,18 +273,15 @@ class _Driver:
             write(rec, segments, turns)
 
         while queue or active:
-            # planners reserve no CPU (the actors hold the CPUs), so the plans in flight are bounded here
+            # the plans in flight are bounded here: planning takes CPU from the actors' engines
             waiting_chunks = sum(self._size(g[0], g[1]) for g in groups)
             while (queue and active < self.max_recordings and len(plans) < self.n_actors + 1
-                   and waiting_chunks < self.n_actors * self.rows):
+                   and waiting_chunks < self.n_actors * self.rows and pool):
                 it = queue.popleft()
                 rec = it if isinstance(it, _Rec) else _Rec(it, item_options(self.options, it.options))
-                turn += 1
-                slot = turn % len(planners)
-                rec.planner, rec.tries = (slot, planners[slot]), rec.tries + 1
-                rec.meta, rec.data, rec.regions = planners[slot].plan.remote(
-                    rec.item.audio, rec.o, self.chunks_per_task)
-                plans[rec.meta] = rec
+                a = next_actor()
+                rec.meta, rec.data, rec.regions = a.handle.plan.remote(rec.item.audio, rec.o, self.chunks_per_task)
+                plans[rec.meta] = (rec, a)
                 active += 1
             live = [a for a in pool if a.ready]
             cap = self.cap
@@ -285,15 +298,15 @@ class _Driver:
                 if not room:
                     break
                 a = min(room, key=lambda a: a.chunks)
-                rec, gi, attempt = groups.popleft()
+                rec, gi = groups.popleft()
                 ref = a.handle.transcribe.remote(rec.data, gi, rec.o)
-                calls[ref] = (rec, gi, a, attempt)
+                calls[ref] = (rec, gi, a)
                 a.chunks += self._size(rec, gi)
-            while diarize_queue and len(finishing) < self.n_actors:
+            while diarize_queue and len(finishing) < self.n_actors and pool:
                 rec, per_chunk = diarize_queue.popleft()
-                turn += 1
-                planner = planners[turn % len(planners)]
-                finishing[planner.diarize.remote(rec.item.audio, per_chunk, rec.regions, rec.o)] = rec
+                a = next_actor()
+                ref = a.handle.diarize.remote(rec.item.audio, per_chunk, rec.regions, rec.o)
+                finishing[ref] = (rec, per_chunk, a)
             probes = {a.probe: a for a in pool if a.probe is not None}
             waiting = [*plans, *calls, *finishing, *probes]
             if not waiting:
@@ -317,19 +330,15 @@ class _Driver:
                             self.replacements += 1
                             pool.append(self._new_actor())
                 elif ref in plans:
-                    rec = plans.pop(ref)
+                    rec, a = plans.pop(ref)
                     try:
                         meta = ray.get(ref)
                     except RayError as e:
-                        if _system_error(e) and rec.tries < GROUP_ATTEMPTS:
-                            # its planner is gone for good (restarts used up): a new one, anywhere
-                            slot, handle = rec.planner
-                            if planners[slot] is handle:
-                                planners[slot] = _planner()
-                            active -= 1
-                            queue.appendleft(rec)
-                        else:
+                        if not _system_error(e):
                             fail(rec, f"planning failed: {_cause(e)}")
+                        elif lost(rec, e, "planning"):
+                            suspect(a)
+                            replan(rec)
                         continue
                     if meta.get("error"):
                         rec.meta = None
@@ -340,9 +349,9 @@ class _Driver:
                     if not meta["groups"]:  # no speech: nothing to decode, still one output per format
                         rec.results = []
                         all_groups_done(rec)
-                    groups.extend((rec, gi, 0) for gi in range(meta["groups"]))
+                    groups.extend((rec, gi) for gi in range(meta["groups"]))
                 elif ref in calls:
-                    rec, gi, a, attempt = calls.pop(ref)
+                    rec, gi, a = calls.pop(ref)
                     a.chunks -= self._size(rec, gi)
                     try:
                         segs, stats, rec.name, rec.lang = ray.get(ref)
@@ -351,13 +360,13 @@ class _Driver:
                             fail(rec, _cause(e))
                             continue
                         self.on_event("group_lost", {"id": rec.item.id, "group": gi, "error": type(e).__name__})
-                        if a.ready and a.probe is None:  # wait for Ray to restart it (or give up on it)
-                            a.ready = False
-                            a.probe = a.handle.ready.remote()
-                        if attempt + 1 >= GROUP_ATTEMPTS:
-                            fail(rec, f"chunk group {gi} lost {GROUP_ATTEMPTS} times: {_cause(e)}")
-                        else:
-                            groups.appendleft((rec, gi, attempt + 1))
+                        if _lost_object(e):  # its chunks went with the node that planned them
+                            if lost(rec, e, "planned chunks"):
+                                replan(rec)
+                            continue
+                        suspect(a)
+                        if lost(rec, e, f"chunk group {gi}"):
+                            groups.appendleft((rec, gi))
                         continue
                     if rec.results is None or rec.results[gi] is not None:
                         continue  # the recording failed meanwhile, or a duplicate answer
@@ -370,11 +379,15 @@ class _Driver:
                         rec.data = None  # drop the ref: the chunks' audio can leave the object store
                         all_groups_done(rec)
                 elif ref in finishing:
-                    rec = finishing.pop(ref)
+                    rec, per_chunk, a = finishing.pop(ref)
                     try:
                         segments, turns = ray.get(ref)
                     except RayError as e:
-                        fail(rec, f"diarization failed: {_cause(e)}")
+                        if not _system_error(e):
+                            fail(rec, f"diarization failed: {_cause(e)}")
+                        elif lost(rec, e, "diarization"):
+                            suspect(a)
+                            diarize_queue.appendleft((rec, per_chunk))
                         continue
                     write(rec, segments, turns)
         if self.want_stats:
