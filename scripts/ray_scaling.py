@@ -14,10 +14,11 @@ divides the audio by the wall after it (an upper figure: ready actors start befo
 On a machine shared with other work the figures are noisy: say so when quoting them.
 
 With `--pin` (the default where the machine has two CPUs or more) each node is a 1-CPU node in fact,
-not only in Ray's accounting: node i's processes (raylet, workers, planners) run on CPU i alone, the
-driver and the GCS beside the head on CPU 0, and the local run on CPU 0. Unpinned, the one-node run
-borrows the idle second core for the planners (num_cpus=0) and Ray's own processes, which the
-two-node run does not have to lend, so its ratio understates what a second machine adds.
+not only in Ray's accounting: node i's processes (raylet, workers) run on CPU i alone, the driver and
+the GCS beside the head on CPU 0, and the local run on CPU 0. Unpinned, the one-node run borrows the
+idle second core for Ray's own processes and the driver, which the two-node run does not have to lend,
+so its ratio understates what a second machine adds. Each run prints its engines' figures (steps,
+busy rows a step, the engine thread's and the process's CPU s) and Ray's CPU s by process.
 """
 from __future__ import annotations
 
