@@ -162,6 +162,15 @@ def test_an_actor_gone_for_good_is_replaced(cluster, clips, local, tmp_path, mon
         assert (out / f"{x.stem}.txt").read_text() == writers.render(local[x.stem], "txt")
 
 
+def test_more_actors_than_cpus_do_not_hold_work(cluster, clips, local, tmp_path):
+    """A third actor on two CPUs never starts: no plan waits on it, and the ready two do the job."""
+    out = tmp_path / "out"
+    items = expand([str(x) for x in clips[:4]])
+    assert _run(items, out, ["txt"], actors=3) == {"ok": 4, "error": 0, "skipped": 0}
+    for x in clips[:4]:
+        assert (out / f"{x.stem}.txt").read_text() == writers.render(local[x.stem], "txt")
+
+
 def test_an_actor_process_killed_mid_run_loses_nothing(cluster, clips, local, tmp_path):
     """SIGKILL of a transcription actor's process while it holds groups: Ray restarts it, the driver
     sends its lost calls again, and every recording is written once, as locally."""

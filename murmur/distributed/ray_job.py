@@ -201,12 +201,12 @@ class _Driver:
         last_live = time.monotonic()
         warmup = last_live + WARMUP_S
 
-        def next_actor() -> _Actor:
-            """The next actor in turn for a plan or a diarization: a ready one, else any (still loading)."""
+        def next_actor(live: list) -> _Actor:
+            """The next ready actor in turn for a plan or a diarization: not one still loading or
+            restarting, which may wait long for a node (an autoscaler's, or more actors than CPUs)."""
             nonlocal turn
             turn += 1
-            pick = [a for a in pool if a.ready] or pool
-            return pick[turn % len(pick)]
+            return live[turn % len(live)]
 
         def suspect(a: _Actor) -> None:
             """A call on it was lost: wait for Ray to restart it (or give up on it) before it takes more."""
@@ -273,17 +273,17 @@ class _Driver:
             write(rec, segments, turns)
 
         while queue or active:
+            live = [a for a in pool if a.ready]
             # the plans in flight are bounded here: planning takes CPU from the actors' engines
             waiting_chunks = sum(self._size(g[0], g[1]) for g in groups)
             while (queue and active < self.max_recordings and len(plans) < self.n_actors + 1
-                   and waiting_chunks < self.n_actors * self.rows and pool):
+                   and waiting_chunks < self.n_actors * self.rows and live):
                 it = queue.popleft()
                 rec = it if isinstance(it, _Rec) else _Rec(it, item_options(self.options, it.options))
-                a = next_actor()
+                a = next_actor(live)
                 rec.meta, rec.data, rec.regions = a.handle.plan.remote(rec.item.audio, rec.o, self.chunks_per_task)
                 plans[rec.meta] = (rec, a)
                 active += 1
-            live = [a for a in pool if a.ready]
             cap = self.cap
             if len(live) < len(pool) and time.monotonic() < warmup:
                 # while others still load the model, a ready actor takes only its share of the
@@ -302,9 +302,9 @@ class _Driver:
                 ref = a.handle.transcribe.remote(rec.data, gi, rec.o)
                 calls[ref] = (rec, gi, a)
                 a.chunks += self._size(rec, gi)
-            while diarize_queue and len(finishing) < self.n_actors and pool:
+            while diarize_queue and len(finishing) < self.n_actors and live:
                 rec, per_chunk = diarize_queue.popleft()
-                a = next_actor()
+                a = next_actor(live)
                 ref = a.handle.diarize.remote(rec.item.audio, per_chunk, rec.regions, rec.o)
                 finishing[ref] = (rec, per_chunk, a)
             probes = {a.probe: a for a in pool if a.probe is not None}
