@@ -54,6 +54,7 @@ LOST_LIMIT = 4  # times a recording may lose work to a dead actor or node before
 WARMUP_S = 120.0  # at most this long, ready actors take only their share while others load the model
 STALL_S = 900.0  # no live actor this long: the rest of the job fails with a clear error
 
+
 class Transcriber(workers.Transcriber):
     """A transcription actor: the model loaded once, torch threads = the CPUs Ray gave it; it also
     plans recordings and diarizes them, in threads beside its engine."""
@@ -131,8 +132,9 @@ def run_ray(items, out: OutputDir, model: str, options, address: str | None = No
             max_recordings: int | None = None, on_event=None) -> dict:
     """Run the job on the Ray cluster at `address` (None: $RAY_ADDRESS, else a local Ray instance):
     `model` by name (each actor loads it), `options` a TranscribeOptions, items' manifest options over it.
-    `on_event(name, info)` is called on actor ready/failed, group done and, at the end, each live actor's
-    engine counters ("actor_stats"; tests and scripts/ray_scaling.py use it)."""
+    `on_event(name, info)` is called on actor ready/dead, group done/lost, work lost (a plan, chunks or
+    a diarization), each recording written and, at the end, each live actor's engine counters
+    ("actor_stats"; tests and scripts/ray_scaling.py use it)."""
     started = False
     if not ray.is_initialized():
         kw = {} if (address or os.environ.get("RAY_ADDRESS")) else {"include_dashboard": False}

@@ -167,15 +167,15 @@ class _Session:
         if self.st is not None and (tr or td_present) and self.st.received:
             return await self.send(_error("language, prompt and turn detection are fixed once audio has come",
                                           "session_locked", eid))
-        if rate != self.rate:
-            self.rate, self.resample = rate, _Resampler(rate)
-        if isinstance(tr, dict) and tr.get("language"):
+        if isinstance(tr, dict) and tr.get("language"):  # checked before any setting changes
             from murmur.transcribe import check_language
             try:
                 check_language(self.engine.loaded, tr["language"])
             except MurmurError as e:
                 return await self.send(_error(str(e), "invalid_value", eid,
                                               "session.audio.input.transcription.language"))
+        if rate != self.rate:
+            self.rate, self.resample = rate, _Resampler(rate)
         if isinstance(tr, dict):
             self.language = tr.get("language") or self.language
             self.prompt = tr.get("prompt") or self.prompt
