@@ -65,6 +65,27 @@ def test_a_feed_behind_real_time_runs_only_its_latest_update(tiny, jfk):
     assert every.stats["updates"] == 8
 
 
+def test_words_wait_at_most_max_wait_for_agreement(tiny, jfk):
+    """With an agreement no update reaches (n = 30), words commit only at turn ends unless max_wait_s
+    commits them from the latest hypothesis once their audio ended that long before the audio heard."""
+    from murmur.stream.transcriber import StreamingTranscriber, StreamOptions
+    never = StreamOptions(agreement=30, max_wait_s=None)
+    late, results = _play(StreamingTranscriber(tiny, never), jfk, 0.5)
+    assert not any(r.committed for r in results if not any(e.kind == "turn_completed" for e in r.events))
+    st = StreamingTranscriber(tiny, StreamOptions(agreement=30, max_wait_s=1.0))
+    n, early, words = SR // 2, [], []
+    for i in range(0, len(jfk), n):
+        r = st.feed(jfk[i:i + n])
+        words += r.committed
+        if not any(e.kind == "turn_completed" for e in r.events):
+            assert all(w.end <= st.time - 1.0 + 1e-6 for w in r.committed)
+            early += r.committed
+    words += st.close().committed
+    assert len(early) >= 10  # most of JFK's 22 words settle before its turn ends
+    # the same words as committing at turn ends only (earlier hypotheses, so not always identical)
+    assert wer("".join(w.word for w in late), "".join(w.word for w in words))["wer"] <= 0.15
+
+
 def test_every_word_once_across_trims(tiny, data_dir):
     """Three LJSpeech sentences back to back, no turn detection: the buffer is cut at committed
     sentence ends, and the committed words match the offline transcript (none lost or doubled)."""

@@ -79,6 +79,16 @@ def pad_seconds(raw: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected seconds or 'full', got {raw!r}") from None
 
 
+def wait_seconds(raw: str) -> float | None:
+    """--max-wait: seconds, or 'off' to commit only what updates agree on."""
+    if raw.strip().lower() in ("off", "none"):
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds or 'off', got {raw!r}") from None
+
+
 def _play(make, audio: np.ndarray, speed: float, piece_s: float, start: float, out: dict) -> None:
     st = make()
     piece = max(1, int(piece_s * SAMPLE_RATE))
@@ -141,7 +151,8 @@ def main(args) -> int:
             for k in counts:
                 engine = SharedEngine(loaded, batch_size=max(8, k), recycle=args.recycle)
                 opts = StreamOptions(policy=policy, step_s=args.step, frame_threshold=args.frame_threshold,
-                                     agreement=args.agreement, encoder_pad_s=args.encoder_pad)
+                                     agreement=args.agreement, encoder_pad_s=args.encoder_pad,
+                                     max_wait_s=args.max_wait)
                 outs = [dict() for _ in range(k)]
                 start = time.monotonic() + 0.2
                 threads = [threading.Thread(target=_play, args=(
@@ -224,6 +235,9 @@ def add_parser(sub) -> None:
                         "30-s window (default: full)")
     p.add_argument("--agreement", type=int, default=2)
     p.add_argument("--frame-threshold", type=int, default=25)
+    p.add_argument("--max-wait", type=wait_seconds, default=2.0,
+                   help="local-agreement: commit a word this many seconds after its audio ended, agreed or not "
+                        "('off': only when agreed)")
     p.add_argument("--recycle", action=argparse.BooleanOptionalAction, default=True,
                    help="verify each update's draft, the stream's previous hypothesis (the same words)")
     p.add_argument("--piece", type=float, default=0.1, help="seconds per piece of audio the client sends")

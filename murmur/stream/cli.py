@@ -100,7 +100,7 @@ def cmd_stream(args) -> int:
 
     set_threads(args.threads)
     opts = StreamOptions(policy=args.policy, agreement=args.agreement, frame_threshold=args.frame_threshold,
-                         step_s=args.step, encoder_pad_s=args.encoder_pad, vad=not args.no_vad,
+                         max_wait_s=args.max_wait, step_s=args.step, encoder_pad_s=args.encoder_pad, vad=not args.no_vad,
                          language=args.language, prompt=args.prompt)
     st = StreamingTranscriber(get_model(args.model, args.device, args.compute_type), opts)
     printer = _Printer(args.format)
@@ -116,7 +116,7 @@ def cmd_stream(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from murmur.stream.bench import pad_seconds
+    from murmur.stream.bench import pad_seconds, wait_seconds
     p = sub.add_parser("stream", help="live transcription of a file played in real time, or of PCM on stdin")
     p.add_argument("input", help="audio file, or - for raw 16-kHz s16le mono PCM on stdin")
     p.add_argument("--speed", type=float, default=1.0, help="playback speed of a file (0: as fast as possible)")
@@ -124,6 +124,9 @@ def add_parser(sub) -> None:
     p.add_argument("--policy", default="local-agreement", choices=["local-agreement", "align-att"])
     p.add_argument("--agreement", type=int, default=2, help="n of LocalAgreement-n")
     p.add_argument("--frame-threshold", type=int, default=25, help="align-att: encoder frames (20 ms) kept back")
+    p.add_argument("--max-wait", type=wait_seconds, default=2.0,
+                   help="local-agreement: commit a word this many seconds after its audio ended, agreed or not "
+                        "('off': only when agreed)")
     p.add_argument("--step", type=float, default=0.5, help="seconds of audio between updates")
     p.add_argument("--encoder-pad", type=pad_seconds, default=None,
                    help="seconds of silence the encoder sees after the buffer, to encode less than the whole "

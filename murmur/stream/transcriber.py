@@ -12,7 +12,8 @@ Every `step_s` of new audio while a turn is open, the buffer is decoded as one w
 silence to 30 s or by `encoder_pad_s` (a `Request` for the engine: many streams' updates decode as
 rows of one batch), words get times from the alignment heads + DTW (murmur.timing), and a commit
 policy decides which words are settled:
-- `local-agreement` (LocalAgreement-n, whisper_streaming): the prefix the last n updates agree on;
+- `local-agreement` (LocalAgreement-n, whisper_streaming): the prefix the last n updates agree on,
+  and past it the words whose audio ended `max_wait_s` before the audio heard;
 - `align-att` (AlignAtt, SimulStreaming): the prefix whose tokens' cross-attention peaks more than
   `frame_threshold` encoder frames before the end of the audio heard so far.
 A turn ends after `min_silence_s` of VAD silence: its words are all committed and the buffer
@@ -56,6 +57,9 @@ class StreamOptions:
     policy: str = "local-agreement"
     agreement: int = 2  # n of LocalAgreement-n
     frame_threshold: int = 25  # align-att: encoder frames (20 ms) before the end of audio heard
+    # local-agreement: a word whose audio ended this long before the audio heard is committed from the
+    # latest hypothesis, agreed or not (in crosstalk updates may not agree until the turn ends); None: never
+    max_wait_s: float | None = 2.0
     step_s: float = 0.5  # an update every step_s of audio while a turn is open
     max_backlog_s: float = 0.0  # a feed that brings updates further apart than this runs only its latest
     trim_s: float = 10.0  # past this the buffer is cut at its last committed sentence end
@@ -84,6 +88,8 @@ class StreamOptions:
             raise MurmurError(f"step_s must be within [0.05, 10] s, got {self.step_s}")
         if not 0 < self.trim_s <= self.max_buffer_s <= 25:
             raise MurmurError(f"need 0 < trim_s <= max_buffer_s <= 25, got {self.trim_s}, {self.max_buffer_s}")
+        if self.max_wait_s is not None and not 0 <= self.max_wait_s <= 30:
+            raise MurmurError(f"max_wait_s must be within [0, 30] s or None, got {self.max_wait_s}")
         if self.encoder_pad_s is not None and not 0 <= self.encoder_pad_s <= 30:
             raise MurmurError(f"encoder_pad_s must be within [0, 30] s or None, got {self.encoder_pad_s}")
 
@@ -307,6 +313,9 @@ class StreamingTranscriber:
             settled = new if len(self.history) == o.agreement - 1 else []
             for past in self.history:
                 settled = _common_prefix(settled, past)
+            if o.max_wait_s is not None:
+                heard = (self.buffer_start + audio.size) / SAMPLE_RATE
+                settled = settled + list(itertools.takewhile(lambda w: w.end < heard - o.max_wait_s, new[len(settled):]))
         else:
             end_frame = audio.size / HOP_LENGTH / 2
             settled = list(itertools.takewhile(lambda w: w.peak < end_frame - o.frame_threshold, new))
