@@ -46,6 +46,8 @@ def load_clips(names: list[str], max_seconds: float) -> list[Clip]:
     for name in names:
         if name == "ljspeech":
             item = ds.stitched(("ljspeech",), gap_s=1.0)
+        elif name == "sonnets":
+            item = ds.stitched(("sonnets",), gap_s=1.0)
         elif name == "ami":
             item = ds.stitched_ami(gap_s=1.0)
         elif name == "ted":
@@ -53,7 +55,7 @@ def load_clips(names: list[str], max_seconds: float) -> list[Clip]:
         elif name == "jfk":
             item = ds.jfk_item()
         else:
-            raise SystemExit(f"bench-stream: unknown set {name!r} (ljspeech, ami, ted, jfk)")
+            raise SystemExit(f"bench-stream: unknown set {name!r} (ljspeech, ted, ami, sonnets, jfk)")
         clips = [c for c in item.clips if c["end"] <= max_seconds] or item.clips[:1]
         end = clips[-1]["end"]
         audio = np.asarray(item.audio[: int(round(end * SAMPLE_RATE))])
@@ -225,7 +227,7 @@ def _table(rows) -> str:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench-stream", help="live transcription on the real clock: WER and word latency, many streams")
-    p.add_argument("--sets", default="ljspeech,ted,ami", help="comma list of ljspeech, ted, ami, jfk")
+    p.add_argument("--sets", default="ljspeech,ted,ami", help="comma list of ljspeech, ted, ami, sonnets, jfk")
     p.add_argument("--max-seconds", type=float, default=90.0, help="whole source clips up to this long, per set")
     p.add_argument("--streams", default="1,2,4", help="simultaneous stream counts to try, e.g. 1,2,4,6")
     p.add_argument("--policies", default="local-agreement,align-att")
