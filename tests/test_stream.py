@@ -86,6 +86,18 @@ def test_words_wait_at_most_max_wait_for_agreement(tiny, jfk):
     assert wer("".join(w.word for w in late), "".join(w.word for w in words))["wer"] <= 0.15
 
 
+def test_prompt_tokens_bound_the_prompt(tiny, jfk):
+    from murmur.stream.transcriber import StreamingTranscriber, StreamOptions
+    long = "Fellow citizens of the republic, " * 40
+    assert len(StreamingTranscriber(tiny, StreamOptions(prompt=long, prompt_tokens=16)).context) == 16
+    st = StreamingTranscriber(tiny, StreamOptions(prompt=long, prompt_tokens=0))
+    assert st.context == [] and st._request(jfk[:SR]).prompt[0] != tiny.tokenizer.sot_prev
+    _play(st, jfk, 1.0)
+    assert st.context == []
+    with pytest.raises(MurmurError):
+        StreamOptions(prompt_tokens=300)
+
+
 def test_every_word_once_across_trims(tiny, data_dir):
     """Three LJSpeech sentences back to back, no turn detection: the buffer is cut at committed
     sentence ends, and the committed words match the offline transcript (none lost or doubled)."""

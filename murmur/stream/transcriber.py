@@ -74,7 +74,7 @@ class StreamOptions:
     prefix_padding_s: float = 0.3  # audio kept before detected speech
     language: str | None = None  # None: detected on a multilingual model, until its first committed word
     prompt: str | None = None  # text the first update is conditioned on
-    prompt_tokens: int = 128  # committed tokens carried as the prompt
+    prompt_tokens: int = 128  # committed tokens carried as the prompt (0: none)
     no_speech_threshold: float = 0.6
     logprob_threshold: float = -1.0
     compression_ratio_threshold: float = 2.4
@@ -88,6 +88,8 @@ class StreamOptions:
             raise MurmurError(f"step_s must be within [0.05, 10] s, got {self.step_s}")
         if not 0 < self.trim_s <= self.max_buffer_s <= 25:
             raise MurmurError(f"need 0 < trim_s <= max_buffer_s <= 25, got {self.trim_s}, {self.max_buffer_s}")
+        if not 0 <= self.prompt_tokens <= 223:  # half the decoder's 448 positions, as Whisper's prompts
+            raise MurmurError(f"prompt_tokens must be within [0, 223], got {self.prompt_tokens}")
         if self.max_wait_s is not None and not 0 <= self.max_wait_s <= 30:
             raise MurmurError(f"max_wait_s must be within [0, 30] s or None, got {self.max_wait_s}")
         if self.encoder_pad_s is not None and not 0 <= self.encoder_pad_s <= 30:
@@ -208,7 +210,8 @@ class StreamingTranscriber:
         self.turn_open = not o.vad
         self.language = o.language
         self.detecting = self.tok.multilingual and not o.language  # the language is not settled yet
-        self.context: list[int] = self.tok.encode(" " + o.prompt.strip()) if o.prompt else []
+        self.context: list[int] = []
+        self._carry(self.tok.encode(" " + o.prompt.strip()) if o.prompt else [])
         self.in_buffer: list[_W] = []  # committed words inside the buffer
         self.history: deque[list[_W]] = deque(maxlen=o.agreement - 1)  # past hypotheses, committed part removed
         self.last_end = 0.0  # end of the last committed word
@@ -271,7 +274,7 @@ class StreamingTranscriber:
     def clear(self) -> None:
         """Drop the audio and words not yet committed (the committed context and VAD state stay)."""
         self._check_open()
-        self.context = (self.context + [t for w in self.in_buffer for t in w.tokens])[-self.opts.prompt_tokens:]
+        self._carry([t for w in self.in_buffer for t in w.tokens])
         self.in_buffer, self.turn_text = [], []
         self.history.clear()
         self._drop_until(self.received)
@@ -346,7 +349,7 @@ class StreamingTranscriber:
         res.tentative = []
         self.turn_text = []
         self.stats["turns"] += 1
-        self.context = (self.context + [t for w in self.in_buffer for t in w.tokens])[-self.opts.prompt_tokens:]
+        self._carry([t for w in self.in_buffer for t in w.tokens])
         self.in_buffer = []
         self.history.clear()
         self.turn_open = False
@@ -360,7 +363,7 @@ class StreamingTranscriber:
             need = audio.size / HOP_LENGTH + o.encoder_pad_s * SAMPLE_RATE / HOP_LENGTH
             frames = min(N_FRAMES, max(MIN_INPUT, int(np.ceil(need / PAD_BLOCK)) * PAD_BLOCK))
         mel = log_mel_spectrogram(audio, n_mels=self.loaded.model.dims.n_mels, padding=N_SAMPLES)[:, :frames]
-        prompt = [tok.sot_prev] + self.context[-o.prompt_tokens:] if self.context else []
+        prompt = [tok.sot_prev] + self.context if self.context else []
         prompt += tok.sot_sequence(self.language, timestamps=True)
         seconds = audio.size / SAMPLE_RATE
         sample_len = min(224, int(8 * seconds) + 16)  # ~3 tokens/s of speech; a loop stops here
@@ -475,9 +478,14 @@ class StreamingTranscriber:
         if cut is None:
             return
         gone, self.in_buffer = self.in_buffer[:cut + 1], self.in_buffer[cut + 1:]
-        self.context = (self.context + [t for w in gone for t in w.tokens])[-o.prompt_tokens:]
+        self._carry([t for w in gone for t in w.tokens])
         self.stats["trims"] += 1
         self._drop_until(self._n(gone[-1].end))
+
+    def _carry(self, tokens: list[int]) -> None:
+        """Committed tokens leave the buffer for the prompt, which keeps its last prompt_tokens."""
+        n = self.opts.prompt_tokens
+        self.context = (self.context + tokens)[-n:] if n else []
 
     def _drop_until(self, sample: int) -> None:
         sample = min(max(sample, self.buffer_start), self.received)
